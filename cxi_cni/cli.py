@@ -1,0 +1,163 @@
+"""The admin CLI (`cxi version|doctor|services|gc|demo`), run when CNI_COMMAND is not set."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .cni.version import LATEST, SUPPORTED_VERSIONS
+
+CONFIG_HELP = "plugin config or .conflist (its cxi entry is used); default: {\"type\":\"cxi\"}"
+
+
+def load_plugin_conf(path: str | None) -> dict:
+    """A plugin config from a file: a single config, or the `cxi` entry of a conflist
+    (which takes the list's cniVersion and name, as runtimes pass them)."""
+    if path is None:
+        return {"cniVersion": LATEST, "name": "cxi", "type": "cxi"}
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path} does not hold a JSON object")
+    if "plugins" in data:
+        entries = [p for p in data["plugins"] if isinstance(p, dict) and p.get("type") == "cxi"]
+        if not entries:
+            raise click.ClickException(f"{path} is a conflist with no entry of type cxi")
+        conf = dict(entries[0])
+        conf.setdefault("cniVersion", data.get("cniVersion", LATEST))
+        conf.setdefault("name", data.get("name", "cxi"))
+        return conf
+    conf = dict(data)
+    conf.setdefault("cniVersion", LATEST)
+    return conf
+
+
+def attachment_for(path: str | None, command: str = "CLI"):
+    """An Attachment (config, backend, records) for admin commands."""
+    from .cni.errors import CniError
+    from .cni.skel import CmdArgs
+    from .plugin import Attachment
+
+    conf = load_plugin_conf(path)
+    args = CmdArgs(command=command, container_id="", netns="", ifname="", cni_path=[],
+                   args={}, conf=conf, cni_version=conf.get("cniVersion", LATEST))
+    try:
+        return Attachment(args)
+    except CniError as exc:
+        raise click.ClickException(f"{exc.msg} ({exc.details})") from None
+
+
+@click.group(help="cxi: per-pod CXI services on HPE Slingshot NICs, as a CNI plugin. "
+             "Container runtimes run this binary with CNI_COMMAND set; these commands are "
+             "for the people who run the nodes.")
+def cli():
+    pass
+
+
+@cli.command(help="Print the plugin version and the CNI versions it speaks.")
+def version():
+    click.echo(f"cxi {__version__}, CNI spec versions {', '.join(SUPPORTED_VERSIONS)}")
+
+
+def service_rows(att, include_all: bool) -> list[dict]:
+    """Services on the configured backend's devices, joined with this plugin's records."""
+    claims = {}
+    for record in att.store.all():
+        for svc in record.get("services", []):
+            claims[(svc["device"], svc["svcId"])] = record
+    rows = []
+    for name in att.backend.device_names():
+        dev = att.backend.open(name)
+        try:
+            services = dev.list_services()
+        finally:
+            dev.close()
+        for svc in services:
+            record = claims.get((name, svc.svc_id))
+            if record is None and not include_all:
+                continue
+            rows.append({
+                "device": name, "svc_id": svc.svc_id, "netns_inode": svc.netns_inode,
+                "vnis": list(svc.desc.vnis), "tcs": sorted(svc.desc.tcs),
+                "enabled": svc.desc.enable,
+                "container_id": record["containerID"] if record else None,
+                "ifname": record["ifname"] if record else None,
+                "netns": record.get("netns") if record else None,
+            })
+    return rows
+
+
+@cli.command(help="List the CXI services this plugin made (with --all: every service).")
+@click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+@click.option("--all", "include_all", is_flag=True, help="include services not made by cxi")
+def services(config_path, as_json, include_all):
+    att = attachment_for(config_path)
+    rows = guarded(lambda: service_rows(att, include_all))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'DEVICE':8} {'SVC':>5} {'NETNS INODE':>12} {'ENABLED':8} {'VNIS':14} "
+               "CONTAINER/IFNAME")
+    for r in rows:
+        owner = f"{r['container_id'][:24]}/{r['ifname']}" if r["container_id"] else "-"
+        click.echo(f"{r['device']:8} {r['svc_id']:>5} {r['netns_inode']:>12} "
+                   f"{str(r['enabled']).lower():8} {','.join(map(str, r['vnis'])) or '-':14} {owner}")
+
+
+def guarded(fn):
+    from .cxi.backend import BackendUnavailable, CxiError
+    from .state import StateError
+
+    try:
+        return fn()
+    except (BackendUnavailable, CxiError, StateError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command(help="Remove records of dead pods and every service bound to a dead namespace.")
+@click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
+@click.option("--valid", multiple=True, metavar="CONTAINERID/IFNAME",
+              help="keep only these attachments (as CNI GC's valid-attachments); repeatable")
+def gc(config_path, valid):
+    from .gc import collect
+
+    att = attachment_for(config_path, "GC")
+    keep = {tuple(v.rsplit("/", 1)) for v in valid} if valid else None
+    report = guarded(lambda: collect(att, keep))
+    for key, label in (("removedAttachments", "removed attachment"),
+                       ("reapedServices", "destroyed service"), ("failures", "FAILED")):
+        for item in report[key]:
+            click.echo(f"{label}: {item}")
+    click.echo(f"gc: {len(report['removedAttachments'])} attachments removed, "
+               f"{len(report['reapedServices'])} dead-namespace services destroyed, "
+               f"{len(report['failures'])} failures")
+    sys.exit(1 if report["failures"] else 0)
+
+
+@cli.command(help="Check that this node can serve ADD: backend, devices, state, logging.")
+@click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
+def doctor(config_path):
+    from .doctor import run_checks
+
+    failed = 0
+    for ok, line in run_checks(load_plugin_conf(config_path)):
+        click.echo(("ok    " if ok else "FAIL  ") + line)
+        failed += not ok
+    click.echo("doctor: all checks passed" if not failed else f"doctor: {failed} check(s) failed")
+    sys.exit(1 if failed else 0)
+
+
+@cli.command(help="Show the plugin at work on simulated CXI devices: a throwaway netns and "
+             "master link, then ADD, CHECK and DEL through this binary. Needs root.")
+@click.option("--keep", is_flag=True, help="leave the demo's files in place for a look")
+def demo(keep):
+    from .demo import run_demo
+
+    sys.exit(run_demo(keep=keep))

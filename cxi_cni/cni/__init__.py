@@ -1,0 +1,1 @@
+"""The CNI protocol layer: environment, version negotiation, results, errors. Knows nothing of CXI."""

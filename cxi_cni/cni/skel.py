@@ -1,0 +1,231 @@
+"""The CNI dispatcher: reads the environment and stdin, negotiates the version, calls the
+plugin's command, and writes its result or the spec's error JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import version as cniversion
+from .errors import (
+    DECODE_FAILURE,
+    INCOMPATIBLE_VERSION,
+    INVALID_ENV,
+    IO_FAILURE,
+    CniError,
+)
+
+COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "VERSION", "GC")
+
+# Variables each command needs (CNI spec, "Parameters").
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
+    "VERSION": (),
+}
+# STATUS and GC exist from spec 1.1.0 on.
+MIN_VERSION = {"STATUS": "1.1.0", "GC": "1.1.0"}
+
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+IFNAME_BAD_CHARS = re.compile(r"[/:\s]")
+MAX_STDIN = 16 * 1024 * 1024
+
+
+@dataclass
+class CmdArgs:
+    """One CNI invocation, parsed and checked."""
+
+    command: str
+    container_id: str
+    netns: str
+    ifname: str
+    cni_path: list[str]
+    args: dict[str, str]
+    conf: dict
+    cni_version: str
+    prev_result: dict | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+class Plugin(Protocol):
+    def add(self, args: CmdArgs) -> dict: ...
+    def delete(self, args: CmdArgs) -> None: ...
+    def check(self, args: CmdArgs) -> None: ...
+    def status(self, args: CmdArgs) -> None: ...
+    def gc(self, args: CmdArgs) -> None: ...
+
+
+FinishHook = Callable[[str, "CmdArgs | None", "BaseException | None", float], None]
+
+
+def env_error(var: str, problem: str, fix: str) -> CniError:
+    return CniError(INVALID_ENV, f"{var} {problem}", fix)
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """CNI_ARGS is "K=V;K2=V2"; anything else is an invalid environment variable."""
+    out: dict[str, str] = {}
+    for pair in filter(None, raw.split(";")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "\n" in pair:
+            raise env_error(
+                "CNI_ARGS", f"has an entry {pair[:64]!r} that is not KEY=VALUE",
+                "pass CNI_ARGS as KEY=VALUE pairs separated by ';'",
+            )
+        out[key] = value
+    return out
+
+
+def check_env(command: str, env: dict[str, str]) -> None:
+    for var in REQUIRED_ENV[command]:
+        if not env.get(var):
+            raise env_error(var, f"is required for {command} but is not set",
+                            f"the container runtime must set {var}")
+    cid = env.get("CNI_CONTAINERID", "")
+    if cid and (len(cid) > 1024 or not CONTAINER_ID_RE.match(cid)):
+        raise env_error(
+            "CNI_CONTAINERID", f"{cid[:64]!r} is not a valid container ID",
+            "it must start with a letter or digit and hold only letters, digits, '_', '.' "
+            "and '-' (at most 1024 characters)",
+        )
+    ifname = env.get("CNI_IFNAME", "")
+    if ifname and (len(ifname) > 15 or ifname in (".", "..") or IFNAME_BAD_CHARS.search(ifname)):
+        raise env_error(
+            "CNI_IFNAME", f"{ifname[:64]!r} is not a valid interface name",
+            "use at most 15 characters, none of '/', ':' or white space, not '.' or '..'",
+        )
+    netns = env.get("CNI_NETNS", "")
+    if netns and not netns.startswith("/"):
+        raise env_error("CNI_NETNS", f"{netns[:64]!r} is not an absolute path",
+                        "pass the path of the container's network namespace")
+
+
+def read_stdin(stream) -> bytes:
+    try:
+        data = stream.buffer.read(MAX_STDIN + 1) if hasattr(stream, "buffer") else stream.read()
+    except (OSError, ValueError) as exc:
+        raise CniError(IO_FAILURE, f"cannot read the network configuration from stdin: {exc}",
+                       "pass the configuration as JSON on standard input") from None
+    if len(data) > MAX_STDIN:
+        raise CniError(IO_FAILURE, f"stdin holds more than {MAX_STDIN} bytes",
+                       "pass one network configuration as JSON on standard input")
+    return data
+
+
+def decode_conf(data: bytes) -> dict:
+    try:
+        conf = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CniError(DECODE_FAILURE, f"cannot decode the network configuration: {exc}",
+                       "stdin must hold one JSON object") from None
+    if not isinstance(conf, dict):
+        raise CniError(DECODE_FAILURE, "the network configuration is not a JSON object",
+                       "stdin must hold one JSON object")
+    return conf
+
+
+def version_info(data: bytes) -> dict:
+    requested = cniversion.LATEST
+    if data.strip():
+        conf = decode_conf(data)
+        asked = conf.get("cniVersion")
+        if isinstance(asked, str) and asked in cniversion.SUPPORTED_VERSIONS:
+            requested = asked
+    return {"cniVersion": requested, "supportedVersions": list(cniversion.SUPPORTED_VERSIONS)}
+
+
+def config_version(conf: dict) -> str:
+    version = conf.get("cniVersion")
+    if not isinstance(version, str):
+        raise CniError(INCOMPATIBLE_VERSION, "the network configuration has no cniVersion",
+                       f"set cniVersion to one of {', '.join(cniversion.SUPPORTED_VERSIONS)}")
+    return cniversion.require_supported(version)
+
+
+def build_args(command: str, env: dict[str, str], conf: dict, version: str) -> CmdArgs:
+    minimum = MIN_VERSION.get(command)
+    if minimum and not cniversion.at_least(version, minimum):
+        raise CniError(INCOMPATIBLE_VERSION, f"{command} needs cniVersion {minimum} or later, "
+                       f"the configuration says {version}", f"set cniVersion to {minimum}")
+    check_env(command, env)
+    prev = conf.get("prevResult")
+    return CmdArgs(
+        command=command,
+        container_id=env.get("CNI_CONTAINERID", ""),
+        netns=env.get("CNI_NETNS", ""),
+        ifname=env.get("CNI_IFNAME", ""),
+        cni_path=[p for p in env.get("CNI_PATH", "").split(":") if p],
+        args=parse_cni_args(env.get("CNI_ARGS", "")),
+        conf=conf,
+        cni_version=version,
+        prev_result=cniversion.normalize_result(prev) if isinstance(prev, dict) else None,
+        env=env,
+    )
+
+
+def run_command(plugin: Plugin, args: CmdArgs):
+    handler = {
+        "ADD": plugin.add, "DEL": plugin.delete, "CHECK": plugin.check,
+        "STATUS": plugin.status, "GC": plugin.gc,
+    }[args.command]
+    result = handler(args)
+    return cniversion.result_for(result, args.cni_version) if args.command == "ADD" else None
+
+
+def dispatch(plugin: Plugin, env: dict[str, str], stdin=None, stdout=None,
+             on_finish: FinishHook | None = None) -> int:
+    """Run one CNI command; returns the process exit code. Never raises."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    started = time.monotonic()
+    command = env.get("CNI_COMMAND", "")
+    error_version = cniversion.LATEST
+    args: CmdArgs | None = None
+    failure: BaseException | None = None
+    try:
+        if command not in COMMANDS:
+            raise env_error("CNI_COMMAND", f"{command[:32]!r} is not a CNI command",
+                            f"use one of {', '.join(COMMANDS)}")
+        data = read_stdin(stdin)
+        if command == "VERSION":
+            output = version_info(data)
+        else:
+            conf = decode_conf(data)
+            version = config_version(conf)
+            error_version = version
+            args = build_args(command, env, conf, version)
+            output = run_command(plugin, args)
+        if output is not None:
+            stdout.write(json.dumps(output) + "\n")
+        stdout.flush()
+        return 0
+    except CniError as exc:
+        failure = exc
+        return emit_error(stdout, exc, error_version)
+    except BaseException as exc:  # the runtime must get JSON, never a traceback
+        failure = exc
+        internal = CniError(999, f"internal error: {type(exc).__name__}: {exc}",
+                            "this is a bug in the cxi plugin; see its log file")
+        return emit_error(stdout, internal, error_version)
+    finally:
+        if on_finish is not None:
+            try:
+                on_finish(command, args, failure, time.monotonic() - started)
+            except Exception:  # logging must never change the outcome
+                pass
+
+
+def emit_error(stdout, exc: CniError, version: str) -> int:
+    try:
+        stdout.write(json.dumps(exc.to_json(version)) + "\n")
+        stdout.flush()
+    except (OSError, ValueError):
+        sys.stderr.write(f"cxi: {exc.msg}\n")
+    return 1

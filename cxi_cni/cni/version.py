@@ -1,0 +1,74 @@
+"""CNI spec versions this plugin speaks, and result conversion between their shapes."""
+
+from __future__ import annotations
+
+import copy
+
+from .errors import INCOMPATIBLE_VERSION, CniError
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST = SUPPORTED_VERSIONS[-1]
+
+
+def parse(version: str) -> tuple[int, int, int]:
+    try:
+        major, minor, patch = (int(p) for p in version.split("."))
+    except (AttributeError, ValueError):
+        raise CniError(
+            INCOMPATIBLE_VERSION,
+            f"cniVersion {version!r} is not a version number",
+            f"use one of {', '.join(SUPPORTED_VERSIONS)}",
+        ) from None
+    return major, minor, patch
+
+
+def require_supported(version: str) -> str:
+    parse(version)
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(
+            INCOMPATIBLE_VERSION,
+            f"cniVersion {version} is not supported by this plugin",
+            f"use one of {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    return version
+
+
+def at_least(version: str, minimum: str) -> bool:
+    return parse(version) >= parse(minimum)
+
+
+def normalize_result(result: dict | None) -> dict:
+    """A result of any supported version in the 1.x shape (ips without "version")."""
+    out = copy.deepcopy(result or {})
+    out.pop("cniVersion", None)
+    for ip in out.get("ips") or []:
+        ip.pop("version", None)
+    return out
+
+
+def result_for(result: dict, version: str) -> dict:
+    """A 1.x-shaped result converted for the given spec version, with cniVersion set."""
+    out = {"cniVersion": version, **copy.deepcopy(result)}
+    for key in ("interfaces", "ips", "routes"):
+        out.setdefault(key, [])
+    if not at_least(version, "1.0.0"):
+        for ip in out["ips"]:
+            ip["version"] = "6" if ":" in ip.get("address", "") else "4"
+    return out
+
+
+def merge_results(prev: dict | None, ours: dict | None) -> dict:
+    """prevResult (1.x shape) with this plugin's interfaces, ips, routes and dns appended;
+    our ips' interface indexes are shifted past the previous interfaces."""
+    out = copy.deepcopy(prev or {})
+    ours = ours or {}
+    offset = len(out.get("interfaces") or [])
+    out.setdefault("interfaces", []).extend(copy.deepcopy(ours.get("interfaces") or []))
+    for ip in copy.deepcopy(ours.get("ips") or []):
+        if isinstance(ip.get("interface"), int):
+            ip["interface"] += offset
+        out.setdefault("ips", []).append(ip)
+    out.setdefault("routes", []).extend(copy.deepcopy(ours.get("routes") or []))
+    if ours.get("dns"):
+        out["dns"] = {**(out.get("dns") or {}), **ours["dns"]}
+    return out

@@ -1,0 +1,132 @@
+"""The CXI backend interface: the few driver calls the plugin needs, in Python terms.
+
+Two implementations exist: `libcxi` (ctypes over the real library) and `sim` (simulated
+devices in a state file). Both raise `CxiError` carrying the negative errno the driver
+would return, so the code above them handles one set of failures.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Resource names in the order of the driver's limits array (cxi-abi: PTE, TXQ, TGQ, EQ,
+# CT, LE, TLE, AC). The same order is used by cxi_svc_fail_info.rsrc_avail.
+RESOURCES = ("ptes", "txqs", "tgqs", "eqs", "cts", "les", "tles", "acs")
+
+# Traffic classes in the order of the driver's tcs[] array.
+TRAFFIC_CLASSES = ("dedicated_access", "low_latency", "bulk_data", "best_effort", "eth")
+
+# Member types of a service (enum cxi_svc_member_type).
+MEMBER_IGNORE, MEMBER_UID, MEMBER_GID, MEMBER_NET_NS = 0, 1, 2, 3
+
+DEFAULT_SVC_ID = 1
+MAX_VNIS = 4
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A resource limit of a service: at most `max`, of which `res` are reserved."""
+
+    max: int
+    res: int = 0
+
+
+@dataclass(frozen=True)
+class Member:
+    id: int = 0
+    type: int = MEMBER_IGNORE
+
+
+@dataclass
+class ServiceDesc:
+    """A CXI service description (struct cxi_svc_desc), independent of its byte layout."""
+
+    svc_id: int = 0
+    restricted_members: bool = False
+    restricted_vnis: bool = False
+    restricted_tcs: bool = False
+    resource_limits: bool = False
+    enable: bool = False
+    is_system_svc: bool = False
+    cntr_pool_id: int = 0
+    vnis: tuple[int, ...] = ()
+    tcs: frozenset[str] = frozenset()
+    members: tuple[Member, Member] = (Member(), Member())
+    limits: dict[str, Limit] = field(default_factory=dict)
+
+    @classmethod
+    def for_netns(cls, vnis, tcs=(), limits=None) -> ServiceDesc:
+        """Step 1 of the binding sequence: restricted members (both IGNORE), the VNIs,
+        TCs and limits if any, enabled."""
+        return cls(
+            restricted_members=True,
+            restricted_vnis=True,
+            vnis=tuple(vnis),
+            restricted_tcs=bool(tcs),
+            tcs=frozenset(tcs),
+            resource_limits=bool(limits),
+            limits=dict(limits or {}),
+            enable=True,
+        )
+
+
+@dataclass
+class Service:
+    """A service as listed on a device, with the namespace it is bound to (0: none)."""
+
+    device: str
+    desc: ServiceDesc
+    netns_inode: int = 0
+
+    @property
+    def svc_id(self) -> int:
+        return self.desc.svc_id
+
+
+class CxiError(Exception):
+    """A driver call failed. `errno` is positive (EINVAL, EBUSY, ...)."""
+
+    def __init__(self, op: str, device: str, err: int, detail: str = ""):
+        self.op, self.device, self.errno, self.detail = op, device, abs(err), detail
+        name = errno_mod.errorcode.get(self.errno, str(self.errno))
+        text = f"{op} on {device} failed: {os.strerror(self.errno)} (-{name})"
+        super().__init__(text + (f": {detail}" if detail else ""))
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot serve at all (library missing, symbol missing, no devices)."""
+
+
+class Device(Protocol):
+    """An open CXI device. Every call is one driver call and is atomic on its own."""
+
+    name: str
+
+    def alloc_svc(self, desc: ServiceDesc) -> int: ...
+    def destroy_svc(self, svc_id: int) -> None: ...
+    def svc_enable(self, svc_id: int, enable: bool) -> None: ...
+    def svc_set_netns(self, svc_id: int, netns_inode: int) -> None: ...
+    def svc_get_netns(self, svc_id: int) -> int: ...
+    def get_svc(self, svc_id: int) -> ServiceDesc: ...
+    def list_services(self) -> list[Service]: ...
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """A set of CXI devices reached one way (real library or simulation)."""
+
+    name: str
+
+    def check(self) -> None:
+        """Raise BackendUnavailable with a plain reason when ADD could not be served."""
+
+    def device_names(self) -> list[str]:
+        """Names of the CXI devices present, like ["cxi0", "cxi1"], sorted."""
+
+    def device_for_netdev(self, netdev: str) -> str:
+        """The CXI device of the NIC behind an `hsnN` netdev; BackendUnavailable if none."""
+
+    def open(self, name: str) -> Device: ...

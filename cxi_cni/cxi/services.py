@@ -1,0 +1,168 @@
+"""Per-namespace CXI services: bind one on each device in the vendor's sequence, undo it
+whole on failure, verify it, and destroy it again (retrying while an LNI holds it)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .backend import DEFAULT_SVC_ID, MEMBER_NET_NS, Backend, CxiError, Limit, Service, ServiceDesc
+
+log = logging.getLogger("cxi_cni.services")
+
+# Back-off while a destroy answers -EBUSY (a process still holds an LNI): ~1.5 s in all.
+BUSY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One service this plugin made: where it lives."""
+
+    device: str
+    svc_id: int
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What every service of one attachment must grant."""
+
+    vnis: tuple[int, ...]
+    tcs: frozenset[str] = frozenset()
+    limits: tuple[tuple[str, Limit], ...] = ()
+
+    def desc(self) -> ServiceDesc:
+        return ServiceDesc.for_netns(self.vnis, self.tcs, dict(self.limits))
+
+
+def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: ServiceSpec,
+               on_made: Callable[[Binding], None],
+               is_ours: Callable[[Service], bool]) -> list[Binding]:
+    """On each device: reap services left bound to this inode by a dead namespace, then
+    alloc, disable, set netns, enable. On any failure destroy everything made here."""
+    made: list[Binding] = []
+    try:
+        for name in devices:
+            dev = backend.open(name)
+            try:
+                reap_stale(dev, inode, is_ours)
+                svc_id = dev.alloc_svc(spec.desc())
+                made.append(Binding(name, svc_id))
+                on_made(made[-1])
+                dev.svc_enable(svc_id, False)
+                dev.svc_set_netns(svc_id, inode)
+                dev.svc_enable(svc_id, True)
+            finally:
+                dev.close()
+    except BaseException:
+        leftovers = destroy(backend, made, inode, busy_delays=())
+        for binding, exc in leftovers:
+            log.error("rollback could not destroy service %s on %s: %s",
+                      binding.svc_id, binding.device, exc)
+        raise
+    return made
+
+
+def reap_stale(dev, inode: int, is_ours: Callable[[Service], bool]) -> list[int]:
+    """Destroy services bound to `inode` that this attachment does not own: the inode
+    belonged to a namespace that died without DEL, and its VNIs must not be inherited."""
+    reaped = []
+    for svc in dev.list_services():
+        if svc.netns_inode == inode and svc.svc_id != DEFAULT_SVC_ID and not is_ours(svc):
+            log.warning("destroying stale service %s on %s bound to reused netns inode %s "
+                        "(VNIs %s)", svc.svc_id, dev.name, inode, list(svc.desc.vnis))
+            dev.destroy_svc(svc.svc_id)
+            reaped.append(svc.svc_id)
+    return reaped
+
+
+def destroy(backend: Backend, bindings: Iterable[Binding], inode: int,
+            busy_delays=BUSY_DELAYS) -> list[tuple[Binding, Exception]]:
+    """Destroy recorded services; returns the ones that could not be destroyed.
+
+    A service that is gone (-EINVAL), or that is now bound to another namespace (its id
+    was reused), is not ours any more and counts as destroyed."""
+    failures = []
+    for binding in bindings:
+        try:
+            destroy_one(backend, binding, inode, busy_delays)
+        except (CxiError, OSError) as exc:
+            failures.append((binding, exc))
+    return failures
+
+
+def destroy_one(backend: Backend, binding: Binding, inode: int, busy_delays) -> None:
+    try:
+        dev = backend.open(binding.device)
+    except CxiError as exc:
+        if exc.errno == errno.ENODEV:
+            log.warning("device %s is gone; service %s went with it", binding.device, binding.svc_id)
+            return
+        raise
+    try:
+        try:
+            bound = dev.svc_get_netns(binding.svc_id)
+        except CxiError as exc:
+            if exc.errno == errno.EINVAL:
+                return
+            raise
+        if bound not in (0, inode):
+            log.warning("service %s on %s is bound to netns inode %s, not %s: its id was "
+                        "reused, leaving it", binding.svc_id, binding.device, bound, inode)
+            return
+        for delay in (*busy_delays, None):
+            try:
+                dev.destroy_svc(binding.svc_id)
+                return
+            except CxiError as exc:
+                if exc.errno == errno.EINVAL:
+                    return
+                if exc.errno != errno.EBUSY or delay is None:
+                    raise
+                time.sleep(delay)
+    finally:
+        dev.close()
+
+
+def differences(backend: Backend, binding: Binding, inode: int, spec: ServiceSpec) -> list[str]:
+    """What differs between a recorded service and what it must be (empty: all good)."""
+    where = f"service {binding.svc_id} on {binding.device}"
+    dev = backend.open(binding.device)
+    try:
+        try:
+            desc = dev.get_svc(binding.svc_id)
+            bound = dev.svc_get_netns(binding.svc_id)
+        except CxiError as exc:
+            if exc.errno == errno.EINVAL:
+                return [f"{where} no longer exists"]
+            raise
+    finally:
+        dev.close()
+    problems = []
+    if not desc.enable:
+        problems.append(f"{where} is disabled")
+    if bound != inode:
+        problems.append(f"{where} is bound to netns inode {bound}, not {inode}")
+    if not desc.restricted_members or any(
+        m.type not in (0, MEMBER_NET_NS) for m in desc.members
+    ):
+        problems.append(f"{where} admits members other than the namespace")
+    if not desc.restricted_vnis or tuple(desc.vnis) != spec.vnis:
+        problems.append(f"{where} has VNIs {list(desc.vnis)}, expected {list(spec.vnis)}")
+    if spec.tcs and (not desc.restricted_tcs or desc.tcs != spec.tcs):
+        problems.append(f"{where} has TCs {sorted(desc.tcs)}, expected {sorted(spec.tcs)}")
+    return problems
+
+
+def bound_services(backend: Backend, devices: Iterable[str]) -> list[Service]:
+    """Every service bound to a network namespace, on the given devices."""
+    out = []
+    for name in devices:
+        dev = backend.open(name)
+        try:
+            out.extend(s for s in dev.list_services() if s.netns_inode)
+        finally:
+            dev.close()
+    return out

@@ -1,0 +1,56 @@
+"""JSON-lines logging to the plugin's log file; stdout belongs to the CNI protocol."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line with the invocation's context (command, containerID, ifname)."""
+
+    def __init__(self, context: dict):
+        super().__init__()
+        self.context = context
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "pid": record.process,
+            **self.context,
+            "msg": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure(path: str, level: str, context: dict) -> bool:
+    """Send the package's log records to `path`; False (and no logging) if it can't be opened."""
+    root = logging.getLogger("cxi_cni")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    root.propagate = False
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        root.addHandler(logging.NullHandler())
+        return False
+    handler.setFormatter(JsonLines(context))
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level, logging.INFO))
+    return True
+
+
+def event(logger: logging.Logger, level: int, msg: str, **fields) -> None:
+    logger.log(level, msg, extra={"fields": fields})

@@ -1,0 +1,35 @@
+"""Entry point of the `cxi` binary: the CNI protocol when CNI_COMMAND is set, else the admin CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def log_finish(command: str, args, failure, duration: float) -> None:
+    logger = logging.getLogger("cxi_cni")
+    if not logger.handlers:
+        return
+    fields = {"duration_ms": round(duration * 1000, 1), "outcome": "ok" if failure is None else "error"}
+    if failure is not None:
+        fields["error"] = str(failure)
+        fields["code"] = getattr(failure, "code", 999)
+    exc_info = failure if failure is not None and not hasattr(failure, "code") else None
+    logger.log(logging.INFO if failure is None else logging.ERROR, f"{command} done",
+               extra={"fields": fields}, exc_info=exc_info)
+
+
+def main() -> int:
+    if "CNI_COMMAND" in os.environ:
+        from .cni.skel import dispatch
+        from .plugin import CxiPlugin
+
+        return dispatch(CxiPlugin(), dict(os.environ), on_finish=log_finish)
+    from .cli import cli
+
+    return cli.main(prog_name="cxi", standalone_mode=True) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Attachment records: one JSON file per (containerID, ifname) under the state directory,
+written atomically, with a per-attachment lock so concurrent ADD/DEL of one pod serialise."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import stat
+
+
+class StateError(Exception):
+    """The state directory or a record cannot be trusted or used; the message says why."""
+
+
+def attachment_key(container_id: str, ifname: str) -> str:
+    return hashlib.sha256(f"{container_id}\0{ifname}".encode()).hexdigest()[:40]
+
+
+class AttachmentStore:
+    """Records under `directory` (mode 0700, owned by us, never a symlink)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.locks = os.path.join(directory, "locks")
+
+    def ensure(self) -> None:
+        for path in (self.directory, self.locks):
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StateError(f"cannot create state directory {path}: {exc.strerror}") from None
+            self._check_dir(path)
+
+    def _check_dir(self, path: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise StateError(f"state directory {path} is a symlink; refusing to follow it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"state directory {path} is not a directory")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise StateError(f"state directory {path} is writable by others "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid}); "
+                             f"make it owned by uid {os.geteuid()} with mode 0700")
+
+    def path(self, container_id: str, ifname: str) -> str:
+        return os.path.join(self.directory, attachment_key(container_id, ifname) + ".json")
+
+    @contextlib.contextmanager
+    def lock(self, container_id: str, ifname: str):
+        """Exclusive lock of one attachment. The lock file is removed by `remove`, so
+        after taking it we make sure it is still the file at its path."""
+        self.ensure()
+        path = os.path.join(self.locks, attachment_key(container_id, ifname))
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield path
+        finally:
+            os.close(fd)
+
+    def load(self, container_id: str, ifname: str) -> dict | None:
+        return self._read(self.path(container_id, ifname))
+
+    def _read(self, path: str) -> dict | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot open state record {path}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            raw = fh.read()
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or not isinstance(record.get("services"), list):
+                raise ValueError("not an attachment record")
+            for svc in record["services"]:
+                if not (isinstance(svc.get("device"), str) and isinstance(svc.get("svcId"), int)):
+                    raise ValueError("a service entry lacks device or svcId")
+        except (ValueError, AttributeError) as exc:
+            raise StateError(f"state record {path} is damaged: {exc}") from None
+        return record
+
+    def save(self, record: dict) -> None:
+        path = self.path(record["containerID"], record["ifname"])
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh, separators=(",", ":"))
+        os.replace(tmp, path)
+
+    def remove(self, container_id: str, ifname: str) -> None:
+        key = attachment_key(container_id, ifname)
+        for path in (os.path.join(self.directory, key + ".json"), os.path.join(self.locks, key)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def all(self) -> list[dict]:
+        """Every readable record; damaged ones are skipped (they are reported on use)."""
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        records = []
+        for name in names:
+            try:
+                record = self._read(os.path.join(self.directory, name))
+            except StateError:
+                continue
+            if record is not None:
+                records.append(record)
+        return records

@@ -1,0 +1,83 @@
+"""Which VNIs a pod's CXI services get: from Multus cni-args or CNI_ARGS, from the
+Kubernetes Vni object of the pod's owner, or from the configuration, first match wins."""
+
+from __future__ import annotations
+
+import logging
+
+from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, CniError
+
+log = logging.getLogger("cxi_cni.vnis")
+
+KUBE_FAILURE = 104
+
+
+def check_vnis(vnis: list[int], origin: str, allow_default: bool) -> tuple[int, ...]:
+    """The driver's rules (1..65535, 1 to 4) plus ours: VNI 1 only when allowed."""
+    code = INVALID_ENV if origin.startswith("CNI_ARGS") else INVALID_CONFIG
+    if not 1 <= len(vnis) <= 4:
+        raise CniError(code, f"{origin} gives {len(vnis)} VNIs; a CXI service takes 1 to 4",
+                       "give between one and four VNIs")
+    for vni in vnis:
+        if isinstance(vni, bool) or not isinstance(vni, int) or not 1 <= vni <= 65535:
+            raise CniError(code, f"{origin} holds {vni!r}, which is not a VNI",
+                           "a VNI is an integer in 1..65535")
+    if len(set(vnis)) != len(vnis):
+        raise CniError(code, f"{origin} repeats a VNI", "list each VNI once")
+    if 1 in vnis and not allow_default:
+        raise CniError(code, f"{origin} asks for VNI 1, the default service's VNI that every "
+                       "process shares", "use the job's own VNI, or set "
+                       "cxi.allowDefaultVni: true if this is really meant")
+    return tuple(vnis)
+
+
+def from_args(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | None:
+    cni = (conf.args or {}).get("cni") or {}
+    if "vni" in cni:
+        value = cni["vni"]
+        return (value if isinstance(value, list) else [value]), "args.cni.vni"
+    raw = cni_args.get("VNI")
+    if raw is not None:
+        try:
+            return [int(v) for v in raw.split(",")], "CNI_ARGS VNI"
+        except ValueError:
+            raise CniError(INVALID_ENV, f"CNI_ARGS VNI={raw[:32]!r} is not a list of integers",
+                           "pass VNI=N or VNI=N,M in CNI_ARGS") from None
+    return None
+
+
+def from_kubernetes(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | None:
+    namespace, pod = cni_args.get("K8S_POD_NAMESPACE"), cni_args.get("K8S_POD_NAME")
+    if not namespace or not pod:
+        return None
+    from . import k8s
+
+    try:
+        vnis = k8s.pod_vnis(conf.kubeconfig, namespace, pod)
+    except k8s.KubeUnavailable as exc:
+        raise CniError(TRY_AGAIN_LATER, f"cannot reach the Kubernetes API to find the VNI of "
+                       f"pod {namespace}/{pod}: {exc}", "the runtime will retry") from None
+    except k8s.KubeError as exc:
+        raise CniError(KUBE_FAILURE, f"cannot read the VNI of pod {namespace}/{pod}: {exc}",
+                       "check the kubeconfig and the RBAC in deploy/") from None
+    return (vnis, f"the Vni object of pod {namespace}/{pod}") if vnis else None
+
+
+def resolve(conf, cni_args: dict[str, str]) -> tuple[int, ...]:
+    allow = conf.cxi.allowDefaultVni
+    for source in conf.cxi.vniSources:
+        if source == "config":
+            if conf.cxi.vnis:
+                return check_vnis(conf.cxi.vnis, "cxi.vnis", allow)
+            continue
+        found = (from_args if source == "args" else from_kubernetes)(conf, cni_args)
+        if found:
+            vnis, origin = found
+            log.debug("VNIs %s from %s", vnis, origin)
+            return check_vnis(vnis, origin, allow)
+    if conf.cxi.vniPolicy == "fallback" and conf.cxi.vnis:
+        return check_vnis(conf.cxi.vnis, "cxi.vnis", allow)
+    raise CniError(INVALID_CONFIG, "no VNI for this pod: none of cxi.vniSources "
+                   f"({', '.join(conf.cxi.vniSources)}) gave one",
+                   "set cxi.vnis, pass args.cni.vni (Multus cni-args) or VNI= in CNI_ARGS, or "
+                   "create the pod's Vni object")
