@@ -90,6 +90,7 @@ class Attachment:
 
         choice = self.conf.cxi.devices
         try:
+            self.backend.check()
             if choice == "all":
                 names = self.backend.device_names()
             elif choice == "master":

@@ -17,7 +17,6 @@ from .backend import (
     DEFAULT_SVC_ID,
     MAX_VNIS,
     MEMBER_GID,
-    MEMBER_NET_NS,
     MEMBER_UID,
     RESOURCES,
     TRAFFIC_CLASSES,
@@ -236,7 +235,6 @@ class SimDevice:
                 raise CxiError(op, self.name, errno.EEXIST,
                                "needs restricted_members and no UID/GID member")
             svc["netns"] = netns_inode
-            desc["members"][0] = [netns_inode, MEMBER_NET_NS]
 
     def svc_get_netns(self, svc_id: int) -> int:
         op = "cxil_svc_get_netns"
@@ -274,7 +272,7 @@ class SimBackend:
             raise BackendUnavailable(f"the sim state {self.state.path} has no CXI devices")
 
     def device_names(self) -> list[str]:
-        return sorted(self._devices())
+        return sorted(self._devices(), key=lambda name: (len(name), name))
 
     def device_for_netdev(self, netdev: str) -> str:
         for name, device in sorted(self._devices().items()):
