@@ -1,0 +1,276 @@
+"""The `libcxi` backend: CXI services through ctypes calls into libcxi.so.1.
+
+Devices are discovered through sysfs (`<root>/class/cxi/cxiN`); the root is `/sys`
+unless the `CXI_CNI_SYSFS_ROOT` environment variable (a test and debug hook) or the
+constructor names another. The library is loaded only when a call needs it, so importing
+this module costs no more than ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+
+from cxi_cni.cxi import abi
+from cxi_cni.cxi.backend import BackendUnavailable, CxiError, Service, ServiceDesc
+
+SYSFS_ROOT_ENV = "CXI_CNI_SYSFS_ROOT"
+DEFAULT_LIB_PATH = "libcxi.so.1"
+_CXI_NAME = re.compile(r"cxi(\d+)")
+_UINT32_MAX = 0xFFFFFFFF
+
+_dev_p = ctypes.c_void_p
+_uint = ctypes.c_uint
+
+# name: (restype, argtypes, first symbol version, what it is needed for)
+_FUNCTIONS = {
+    "cxil_open_device": (ctypes.c_int, [ctypes.c_uint32, ctypes.POINTER(_dev_p)], "1.0", "open a CXI device"),
+    "cxil_close_device": (None, [_dev_p], "1.0", "close a CXI device"),
+    "cxil_alloc_svc": (
+        ctypes.c_int,
+        [_dev_p, ctypes.POINTER(abi.CxiSvcDesc), ctypes.POINTER(abi.CxiSvcFailInfo)],
+        "1.0",
+        "create a service",
+    ),
+    "cxil_destroy_svc": (ctypes.c_int, [_dev_p, _uint], "1.0", "destroy a service"),
+    "cxil_get_svc_list": (ctypes.c_int, [_dev_p, ctypes.POINTER(ctypes.c_void_p)], "1.0", "list services"),
+    "cxil_free_svc_list": (None, [ctypes.c_void_p], "1.0", "free a service list"),
+    "cxil_get_svc": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(abi.CxiSvcDesc)], "1.2", "read a service"),
+    "cxil_svc_enable": (ctypes.c_int, [_dev_p, _uint, ctypes.c_bool], "1.9", "enable or disable a service"),
+    "cxil_svc_set_netns": (
+        ctypes.c_int,
+        [_dev_p, _uint, _uint],
+        "1.10",
+        "bind a service to a network namespace",
+    ),
+    "cxil_svc_get_netns": (
+        ctypes.c_int,
+        [_dev_p, _uint, ctypes.POINTER(_uint)],
+        "1.10",
+        "read the network namespace a service is bound to",
+    ),
+}
+# Declared when present; the plugin does not need them.
+_OPTIONAL_FUNCTIONS = {
+    "cxil_svc_set_vni_range": (ctypes.c_int, [_dev_p, _uint, ctypes.c_uint16, ctypes.c_uint16]),
+}
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
+    ]
+
+
+def _file_of(lib: ctypes.CDLL, lib_path: str) -> str:
+    """The file the dynamic loader actually mapped for `lib` (falls back to lib_path)."""
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+        dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+        symbol = next(name for name in _FUNCTIONS if hasattr(lib, name))
+        info = _DlInfo()
+        if dladdr(ctypes.cast(getattr(lib, symbol), ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
+            return os.path.realpath(os.fsdecode(info.dli_fname))
+    except (AttributeError, OSError, StopIteration):
+        pass
+    return lib_path
+
+
+def load_library(lib_path: str) -> ctypes.CDLL:
+    """dlopen libcxi and declare every function's types; BackendUnavailable with the
+    file and the missing symbol or the loader's error when it cannot serve."""
+    try:
+        lib = ctypes.CDLL(lib_path)
+    except OSError as exc:
+        raise BackendUnavailable(f"cannot load the CXI library {lib_path}: {exc}") from None
+    for name, (restype, argtypes, version, purpose) in _FUNCTIONS.items():
+        if not hasattr(lib, name):
+            raise BackendUnavailable(
+                f"{_file_of(lib, lib_path)} has no {name} (libcxi >= {version} / LIBCXI_{version} needed to {purpose})"
+            )
+        function = getattr(lib, name)
+        function.restype, function.argtypes = restype, argtypes
+    for name, (restype, argtypes) in _OPTIONAL_FUNCTIONS.items():
+        if hasattr(lib, name):
+            function = getattr(lib, name)
+            function.restype, function.argtypes = restype, argtypes
+    return lib
+
+
+def _u32(op: str, device: str, value: int, what: str) -> int:
+    """ctypes would truncate silently; an id that does not fit is an invalid argument."""
+    if not 0 <= value <= _UINT32_MAX:
+        raise CxiError(op, device, errno.EINVAL, f"{what} {value} is not a 32-bit unsigned value")
+    return value
+
+
+class LibcxiDevice:
+    """An open CXI device (struct cxil_dev *) of libcxi."""
+
+    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, name: str):
+        self._lib, self._handle, self.name = lib, handle, name
+
+    def __enter__(self) -> LibcxiDevice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _dev(self) -> ctypes.c_void_p:
+        if self._handle is None:
+            raise ValueError(f"device {self.name} is closed")
+        return self._handle
+
+    def _check(self, op: str, rc: int, detail: str = "") -> int:
+        if rc < 0:
+            raise CxiError(op, self.name, -rc, detail)
+        return rc
+
+    def alloc_svc(self, desc: ServiceDesc) -> int:
+        try:
+            raw = abi.desc_to_struct(desc)
+        except ValueError as exc:
+            raise CxiError("cxil_alloc_svc", self.name, errno.EINVAL, str(exc)) from None
+        fail = abi.CxiSvcFailInfo()
+        rc = self._lib.cxil_alloc_svc(self._dev(), ctypes.byref(raw), ctypes.byref(fail))
+        detail = abi.fail_info_text(fail, desc) if rc == -errno.ENOSPC else ""
+        return self._check("cxil_alloc_svc", rc, detail)
+
+    def destroy_svc(self, svc_id: int) -> None:
+        svc_id = _u32("cxil_destroy_svc", self.name, svc_id, "service id")
+        self._check("cxil_destroy_svc", self._lib.cxil_destroy_svc(self._dev(), svc_id))
+
+    def svc_enable(self, svc_id: int, enable: bool) -> None:
+        svc_id = _u32("cxil_svc_enable", self.name, svc_id, "service id")
+        self._check("cxil_svc_enable", self._lib.cxil_svc_enable(self._dev(), svc_id, bool(enable)))
+
+    def svc_set_netns(self, svc_id: int, netns_inode: int) -> None:
+        svc_id = _u32("cxil_svc_set_netns", self.name, svc_id, "service id")
+        inode = _u32("cxil_svc_set_netns", self.name, netns_inode, "netns inode")
+        self._check("cxil_svc_set_netns", self._lib.cxil_svc_set_netns(self._dev(), svc_id, inode))
+
+    def _get_netns_rc(self, svc_id: int) -> tuple[int, int]:
+        inode = _uint(0)
+        rc = self._lib.cxil_svc_get_netns(self._dev(), svc_id, ctypes.byref(inode))
+        return rc, inode.value
+
+    def svc_get_netns(self, svc_id: int) -> int:
+        """The inode the service is bound to, 0 when it is bound to none. The driver
+        answers -EINVAL both for an unknown service and for a service without a netns
+        entry, so -EINVAL is 0 only if the service is found to exist."""
+        svc_id = _u32("cxil_svc_get_netns", self.name, svc_id, "service id")
+        rc, inode = self._get_netns_rc(svc_id)
+        if rc == -errno.EINVAL:
+            try:
+                self.get_svc(svc_id)
+            except CxiError as exc:
+                raise CxiError("cxil_svc_get_netns", self.name, exc.errno, exc.detail) from None
+            return 0
+        self._check("cxil_svc_get_netns", rc)
+        return inode
+
+    def get_svc(self, svc_id: int) -> ServiceDesc:
+        svc_id = _u32("cxil_get_svc", self.name, svc_id, "service id")
+        raw = abi.CxiSvcDesc()
+        self._check("cxil_get_svc", self._lib.cxil_get_svc(self._dev(), svc_id, ctypes.byref(raw)))
+        return abi.struct_to_desc(raw)
+
+    def list_services(self) -> list[Service]:
+        list_ptr = ctypes.c_void_p()
+        self._check("cxil_get_svc_list", self._lib.cxil_get_svc_list(self._dev(), ctypes.byref(list_ptr)))
+        try:
+            raws = abi.svc_list_descs(list_ptr)
+        finally:
+            self._lib.cxil_free_svc_list(list_ptr)
+        services = []
+        for raw in raws:
+            desc = abi.struct_to_desc(raw)
+            rc, inode = self._get_netns_rc(desc.svc_id)
+            if rc == -errno.EINVAL:  # listed, so it exists: no netns entry
+                inode = 0
+            else:
+                self._check("cxil_svc_get_netns", rc)
+            services.append(Service(device=self.name, desc=desc, netns_inode=inode))
+        return sorted(services, key=lambda service: service.svc_id)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self._lib.cxil_close_device(handle)
+
+
+class LibcxiBackend:
+    """CXI devices reached through the real libcxi."""
+
+    name = "libcxi"
+
+    def __init__(self, lib_path: str = DEFAULT_LIB_PATH, sysfs_root: str | None = None):
+        self.lib_path = lib_path
+        self.sysfs_root = sysfs_root or os.environ.get(SYSFS_ROOT_ENV) or "/sys"
+        self._lib: ctypes.CDLL | None = None
+
+    def _library(self) -> ctypes.CDLL:
+        if self._lib is None:
+            self._lib = load_library(self.lib_path)
+        return self._lib
+
+    def _class_dir(self, cls: str) -> str:
+        return os.path.join(self.sysfs_root, "class", cls)
+
+    def check(self) -> None:
+        self._library()
+        if not self.device_names():
+            raise BackendUnavailable(f"no CXI devices under {self._class_dir('cxi')} (is the cxi_core driver loaded?)")
+
+    def device_names(self) -> list[str]:
+        try:
+            entries = os.listdir(self._class_dir("cxi"))
+        except OSError:
+            return []
+        numbered = [(int(m.group(1)), name) for name in entries if (m := _CXI_NAME.fullmatch(name))]
+        return [name for _, name in sorted(numbered)]
+
+    def device_for_netdev(self, netdev: str) -> str:
+        if not netdev or "/" in netdev or netdev in (".", ".."):
+            raise BackendUnavailable(f"{netdev!r} is not a network device name")
+        net_dir = os.path.join(self._class_dir("net"), netdev)
+        if not os.path.exists(net_dir):
+            raise BackendUnavailable(f"no network device {netdev} under {self._class_dir('net')}")
+        device_link = os.path.join(net_dir, "device")
+        if not os.path.exists(device_link):
+            raise BackendUnavailable(f"{netdev} is not backed by a PCI device (no {device_link})")
+        pci_device = os.path.realpath(device_link)
+        for name in self.device_names():
+            cxi_device = os.path.join(self._class_dir("cxi"), name, "device")
+            if os.path.realpath(cxi_device) == pci_device or os.path.exists(os.path.join(cxi_device, "net", netdev)):
+                return name
+        raise BackendUnavailable(
+            f"{netdev} (PCI device {os.path.basename(pci_device)}) belongs to no CXI device "
+            f"under {self._class_dir('cxi')}"
+        )
+
+    def open(self, name: str) -> LibcxiDevice:
+        match = _CXI_NAME.fullmatch(name)
+        if not match or name not in self.device_names():
+            raise CxiError("cxil_open_device", name, errno.ENODEV, f"no such CXI device under {self._class_dir('cxi')}")
+        lib = self._library()
+        handle = _dev_p()
+        rc = lib.cxil_open_device(int(match.group(1)), ctypes.byref(handle))
+        if rc < 0:
+            raise CxiError("cxil_open_device", name, -rc)
+        if not handle.value:
+            raise CxiError("cxil_open_device", name, errno.EIO, "the library returned no device")
+        opened = ctypes.string_at(handle.value + abi.DEVINFO_NAME_OFFSET, abi.DEVINFO_NAME_LEN)
+        opened_name = opened.split(b"\0", 1)[0].decode(errors="replace")
+        if opened_name != name:
+            lib.cxil_close_device(handle)
+            raise BackendUnavailable(
+                f"{self.lib_path} opened {opened_name!r} when asked for {name}: "
+                "sysfs and the library number devices differently"
+            )
+        return LibcxiDevice(lib, handle, name)

@@ -1,0 +1,143 @@
+"""Test helpers around the libcxi stand-in: build it with gcc, make a fake sysfs tree,
+and read or edit its state file (format described at the top of fake_libcxi.c)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fake_libcxi.c")
+STATE_ENV = "FAKE_LIBCXI_STATE"
+HPE_VENDOR = "0x17db"
+
+# Symbol versions as in the real library, so lookups go through versioned symbols.
+_VERSIONS = (
+    (
+        "LIBCXI_1.0",
+        (
+            "cxil_open_device",
+            "cxil_close_device",
+            "cxil_alloc_svc",
+            "cxil_destroy_svc",
+            "cxil_get_svc_list",
+            "cxil_free_svc_list",
+        ),
+    ),
+    ("LIBCXI_1.2", ("cxil_get_svc",)),
+    ("LIBCXI_1.9", ("cxil_svc_enable", "cxil_svc_set_vni_range")),
+    ("LIBCXI_1.10", ("cxil_svc_set_netns", "cxil_svc_get_netns")),
+)
+_NETNS_SYMBOLS = {"cxil_svc_set_netns", "cxil_svc_get_netns"}
+
+
+def _version_script(with_netns: bool) -> str:
+    blocks, previous = [], ""
+    for index, (version, symbols) in enumerate(_VERSIONS):
+        symbols = [s for s in symbols if with_netns or s not in _NETNS_SYMBOLS]
+        if not symbols:
+            continue
+        body = "".join(f"  {s};\n" for s in symbols)
+        if index == 0:
+            body = "global:\n  fake_libcxi_*;\n" + body + "local:\n  *;\n"
+        blocks.append(f"{version} {{\n{body}}}{(' ' + previous) if previous else ''};\n")
+        previous = version
+    return "".join(blocks)
+
+
+def build(out_dir: Path, with_netns: bool = True) -> Path:
+    """Compile the stand-in into out_dir/libcxi.so.1 and return its path."""
+    if shutil.which("gcc") is None:
+        raise RuntimeError("gcc is needed to build the libcxi stand-in")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    script = out_dir / "libcxi.map"
+    script.write_text(_version_script(with_netns))
+    target = out_dir / "libcxi.so.1"
+    command = [
+        "gcc",
+        "-std=c11",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-fvisibility=hidden",
+        "-Wl,-soname,libcxi.so.1",
+        f"-Wl,--version-script={script}",
+        "-o",
+        str(target),
+        str(SOURCE),
+    ]
+    if not with_netns:
+        command.insert(1, "-DNO_NETNS")
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return target
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One fake NIC: its CXI device, its Ethernet netdev and PCI address."""
+
+    cxi: str
+    netdev: str
+    pci: str
+
+
+def make_sysfs(root: Path, nics: list[Nic], plain_netdevs: tuple[str, ...] = ()) -> Path:
+    """class/cxi/<cxi>/device and class/net/<netdev>/device point at the same fake PCI
+    device (vendor 0x17db, with net/<netdev>); plain_netdevs have no device link."""
+    for nic in nics:
+        pci_dir = root / "devices" / "pci0000:00" / nic.pci
+        (pci_dir / "net" / nic.netdev).mkdir(parents=True, exist_ok=True)
+        (pci_dir / "vendor").write_text(HPE_VENDOR + "\n")
+        for cls, name in (("cxi", nic.cxi), ("net", nic.netdev)):
+            entry = root / "class" / cls / name
+            entry.mkdir(parents=True, exist_ok=True)
+            (entry / "device").symlink_to(os.path.relpath(pci_dir, entry))
+    for name in plain_netdevs:
+        (root / "class" / "net" / name).mkdir(parents=True, exist_ok=True)
+    (root / "class" / "cxi").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def state_lines(state: Path) -> list[list[str]]:
+    return [line.split() for line in state.read_text().splitlines() if line.strip()]
+
+
+def write_device(
+    state: Path,
+    dev_id: int,
+    is_vf: bool = False,
+    totals: tuple[int, ...] = (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022),
+) -> None:
+    """Declare a device before its first open (a VF, or other resource totals)."""
+    with state.open("a") as f:
+        f.write(f"dev {dev_id} {int(is_vf)} {','.join(map(str, totals))}\n")
+
+
+def write_service(state: Path, dev_id: int, raw_desc: bytes, netns: int = 0) -> None:
+    """Store a service with exactly these 68 descriptor bytes (svc_id inside them)."""
+    assert len(raw_desc) == 68
+    svc_id = int.from_bytes(raw_desc[64:68], "little")
+    with state.open("a") as f:
+        f.write(f"svc {dev_id} {svc_id} 0 {netns} 0 0 {raw_desc.hex()}\n")
+
+
+def set_busy(state: Path, dev_id: int, svc_id: int, busy: int) -> None:
+    """Mark a service as used by `busy` LNIs (destroy then fails with -EBUSY)."""
+    with state.open("r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # the stand-in locks the same file
+        lines, found = [], False
+        for line in f.read().splitlines():
+            fields = line.split()
+            if fields[:3] == ["svc", str(dev_id), str(svc_id)]:
+                fields[3], found = str(busy), True
+            lines.append(" ".join(fields))
+        assert found, f"no service {svc_id} on device {dev_id} in {state}"
+        f.seek(0)
+        f.truncate()
+        f.write("\n".join(lines) + "\n")
