@@ -9,15 +9,16 @@ log = logging.getLogger("cxi_cni.gc")
 
 
 def collect(att, keep: set[tuple[str, str]] | None) -> dict:
-    """`keep`: the valid (containerID, ifname) pairs; None keeps every record (cxi gc
-    without a list) and only reaps services of dead namespaces."""
+    """`keep`: the valid (containerID, ifname) pairs; None (cxi gc without a list) keeps
+    the records whose namespace is alive."""
     from .cxi.services import bound_services, destroy
     from .netns import live_netns_inodes
 
     removed, failed = [], []
+    alive = live_netns_inodes() if keep is None else set()
     for record in att.store.all():
         key = (record["containerID"], record["ifname"])
-        if keep is None or key in keep:
+        if (key in keep) if keep is not None else (record.get("netnsInode") in alive):
             continue
         with att.store.lock(*key):
             fresh = att.store.load(*key)

@@ -72,32 +72,49 @@ def make_veth():
 
 
 class SimSetup:
-    """A private state dir, log file and sim state file, and configs that use them."""
+    """A private state dir, log file and CXI backend, and configs that use them. The
+    default backend is the simulated one; LibcxiSetup drives the libcxi stand-in."""
+
+    kind = "sim"
 
     def __init__(self, root: Path):
         self.root = root
         self.state_dir = root / "state"
         self.sim_state = root / "sim.json"
         self.log_file = root / "cxi.log"
+        self.env: dict[str, str] = {}
+
+    def backend_conf(self) -> dict:
+        return {"backend": "sim", "simState": str(self.sim_state)}
 
     def conf(self, cni_version: str = "1.0.0", cxi: dict | None = None, **top) -> dict:
         return {
             "cniVersion": cni_version, "name": "cxinet", "type": "cxi",
             "stateDir": str(self.state_dir), "logFile": str(self.log_file),
-            "cxi": {"backend": "sim", "simState": str(self.sim_state), "vnis": [100], **(cxi or {})},
+            "cxi": {**self.backend_conf(), "vnis": [100], **(cxi or {})},
             **top,
         }
 
-    def sim(self) -> dict:
-        return json.loads(self.sim_state.read_text()) if self.sim_state.exists() else {}
+    def backend(self):
+        from cxi_cni.cxi.sim import SimBackend
 
-    def services(self, bound_only: bool = True) -> list[tuple[str, int, dict]]:
+        return SimBackend(str(self.sim_state))
+
+    def services(self):
+        """Every service but the default one, as the backend lists them."""
+        backend = self.backend()
         out = []
-        for dev, data in self.sim().get("devices", {}).items():
-            for sid, svc in data["services"].items():
-                if not bound_only or int(sid) != 1:
-                    out.append((dev, int(sid), svc))
+        for name in backend.device_names():
+            dev = backend.open(name)
+            try:
+                out.extend(s for s in dev.list_services() if s.svc_id != 1)
+            finally:
+                dev.close()
         return out
+
+    def set_busy(self, device: str, svc_id: int, busy: int) -> None:
+        with self.backend().state.transaction() as state:
+            state["devices"][device]["services"][str(svc_id)]["busy"] = busy
 
     def records(self) -> list[dict]:
         if not self.state_dir.exists():
@@ -105,7 +122,7 @@ class SimSetup:
         return [json.loads(p.read_text()) for p in self.state_dir.glob("*.json")]
 
     def seed(self, devices: dict) -> None:
-        """Write a sim state with the given devices: {name: (netdev, vf, totals or None)}."""
+        """Devices as {name: (netdev, is_vf, totals dict or None)}."""
         from cxi_cni.cxi.sim import STATE_VERSION, new_device
 
         state = {"version": STATE_VERSION, "devices": {
@@ -114,16 +131,81 @@ class SimSetup:
         self.sim_state.write_text(json.dumps(state))
 
 
+class LibcxiSetup(SimSetup):
+    """The libcxi backend over the C stand-in library, with a fake sysfs tree."""
+
+    kind = "libcxi"
+
+    def __init__(self, root: Path, lib: Path, monkeypatch):
+        super().__init__(root)
+        self.lib = lib
+        self.lib_state = root / "libcxi.state"
+        self.env = {"FAKE_LIBCXI_STATE": str(self.lib_state),
+                    "CXI_CNI_SYSFS_ROOT": str(root / "sys")}
+        for key, value in self.env.items():
+            monkeypatch.setenv(key, value)
+        self.seed({"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", False, None)})
+
+    def backend_conf(self) -> dict:
+        return {"backend": "libcxi", "libcxi": str(self.lib)}
+
+    def backend(self):
+        from cxi_cni.cxi.libcxi import LibcxiBackend
+
+        return LibcxiBackend(str(self.lib), str(self.root / "sys"))
+
+    def seed(self, devices: dict) -> None:
+        from libcxi_standin import standin
+
+        from cxi_cni.cxi.backend import RESOURCES
+
+        sysfs = self.root / "sys"
+        if sysfs.exists():
+            import shutil
+
+            shutil.rmtree(sysfs)
+        self.lib_state.write_text("")
+        nics = [standin.Nic(name, netdev, f"0000:{0x41 + i:02x}:00.0")
+                for i, (name, (netdev, _, _)) in enumerate(sorted(devices.items()))]
+        standin.make_sysfs(sysfs, nics)
+        for name, (_, vf, totals) in devices.items():
+            kwargs = {"totals": tuple(totals[r] for r in RESOURCES)} if totals else {}
+            standin.write_device(self.lib_state, int(name[3:]), is_vf=vf, **kwargs)
+
+    def set_busy(self, device: str, svc_id: int, busy: int) -> None:
+        from libcxi_standin import standin
+
+        standin.set_busy(self.lib_state, int(device[3:]), svc_id, busy)
+
+
 @pytest.fixture
 def sim(tmp_path) -> SimSetup:
     return SimSetup(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def standin_lib(tmp_path_factory) -> Path:
+    from libcxi_standin import standin
+
+    return standin.build(tmp_path_factory.mktemp("libcxi"))
+
+
+@pytest.fixture(params=["sim", "libcxi"])
+def cxi_setup(request, tmp_path, monkeypatch) -> SimSetup:
+    """The same CXI behaviour tests against both backends."""
+    if request.param == "sim":
+        return SimSetup(tmp_path)
+    return LibcxiSetup(tmp_path, request.getfixturevalue("standin_lib"), monkeypatch)
+
+
 @pytest.fixture
-def cni(cxi_bin):
-    """run_cni bound to the frozen binary."""
-    def call(command, conf=None, **kw):
-        return run_cni(cxi_bin, command, conf, **kw)
+def cni(cxi_bin, request):
+    """run_cni bound to the frozen binary, with the test's backend environment."""
+    setup = next((request.getfixturevalue(name) for name in ("cxi_setup", "sim")
+                  if name in request.fixturenames), None)
+
+    def call(command, conf=None, env=None, **kw):
+        return run_cni(cxi_bin, command, conf, env={**(setup.env if setup else {}), **(env or {})}, **kw)
     return call
 
 

@@ -218,7 +218,7 @@ def test_gc_honours_valid_attachments(cni, sim, make_netns):
         {"containerID": "c0", "ifname": "eth0"}, {"containerID": "c2", "ifname": "eth0"}]})
     cni("GC", gc_conf, container_id=None, ifname=None).ok()
     assert sorted(r["containerID"] for r in sim.records()) == ["c0", "c2"]
-    inodes = {svc["netns"] for _, _, svc in sim.services()}
+    inodes = {svc.netns_inode for svc in sim.services()}
     assert inodes == {os.stat(spaces[0]).st_ino, os.stat(spaces[2]).st_ino}
     err = cni("GC", sim.conf("1.1.0"), container_id=None, ifname=None).error(7)
     assert "valid-attachments" in err["msg"]

@@ -1,0 +1,247 @@
+"""Per-pod CXI services through the frozen binary with the sim backend and real netns."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from cxi_cni.cxi.backend import Limit, ServiceDesc
+
+SMALL = {"ptes": 2048, "txqs": 1024, "tgqs": 512, "eqs": 2047, "cts": 2047, "les": 10,
+         "tles": 2048, "acs": 1022}
+
+
+@pytest.fixture
+def sim(cxi_setup):
+    """Every test here runs against the sim backend and the libcxi stand-in."""
+    return cxi_setup
+
+
+def bound(sim, inode):
+    return sorted((s.device, s.svc_id, list(s.desc.vnis)) for s in sim.services()
+                  if s.netns_inode == inode)
+
+
+def test_add_makes_one_service_per_device_bound_to_the_netns(cni, sim, netns):
+    inode = os.stat(netns).st_ino
+    result = cni("ADD", sim.conf(cxi={"vnis": [100, 2001]}), netns=netns).ok().json
+    services = bound(sim, inode)
+    assert [(d, v) for d, _, v in services] == [("cxi0", [100, 2001]), ("cxi1", [100, 2001])]
+    assert len(sim.services()) == 2
+    for svc in sim.services():
+        desc = svc.desc
+        assert desc.restricted_members and desc.restricted_vnis and desc.enable
+        assert all(m.type == 0 for m in desc.members)  # no UID/GID member
+    assert {(s["device"], s["svcId"]) for s in result["cxi"]["services"]} == \
+        {(d, s) for d, s, _ in services}
+    [record] = sim.records()
+    assert record["netnsInode"] == inode and record["vnis"] == [100, 2001]
+    assert sorted((s["device"], s["svcId"]) for s in record["services"]) == \
+        [(d, s) for d, s, _ in services]
+
+
+def test_device_selection_by_list_and_by_master(cni, sim, netns, make_veth):
+    master = make_veth()
+    sim.seed({"cxi0": ("hsn9", False, None), "cxi1": (master, False, None)})
+    cni("ADD", sim.conf(cxi={"devices": ["cxi0"]}), netns=netns).ok()
+    assert [s.device for s in sim.services()] == ["cxi0"]
+    cni("DEL", sim.conf(), netns=netns).ok()
+    # devices "master": the device whose netdev is the master (cxi1 here, not by digits)
+    conf = sim.conf(cxi={"devices": "master"}, master=master, linkType="macvlan",
+                    ipam={"type": "host-local", "subnet": "10.77.0.0/24",
+                          "dataDir": str(sim.root / "ipam")})
+    run = cni("ADD", conf, netns=netns)
+    if run.rc == 0:
+        assert [s.device for s in sim.services()] == ["cxi1"]
+        cni("DEL", conf, netns=netns).ok()
+    else:  # the link layer is reported, but the device choice must still be right
+        pytest.fail(f"ADD with devices=master failed: {run.stdout}")
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_tcs_and_limits_reach_the_service(cni, sim, netns):
+    conf = sim.conf(cxi={"tcs": ["low_latency", "best_effort"],
+                         "limits": {"les": {"max": 100, "res": 10}, "acs": {"max": 4, "res": 2}}})
+    cni("ADD", conf, netns=netns).ok()
+    for svc in sim.services():
+        desc = svc.desc
+        assert desc.restricted_tcs and sorted(desc.tcs) == ["best_effort", "low_latency"]
+        assert desc.resource_limits
+        assert {k: v for k, v in desc.limits.items() if v != Limit(0, 0)} == \
+            {"acs": Limit(4, 2), "les": Limit(100, 10)}
+    cni("CHECK", conf, netns=netns).ok()
+
+
+def test_check_fails_when_the_service_is_destroyed_behind_its_back(cni, sim, netns):
+    conf = sim.conf()
+    cni("ADD", conf, netns=netns).ok()
+    cni("CHECK", conf, netns=netns).ok()
+    svc = sim.services()[1]
+    dev, sid = svc.device, svc.svc_id
+    sim.backend().open(dev).destroy_svc(sid)
+    err = cni("CHECK", conf, netns=netns).error(100)
+    assert f"service {sid} on {dev} no longer exists" in err["msg"]
+
+
+def test_check_names_a_disabled_service_and_changed_vnis(cni, sim, netns):
+    conf = sim.conf()
+    cni("ADD", conf, netns=netns).ok()
+    svc = sim.services()[0]
+    dev, sid = svc.device, svc.svc_id
+    sim.backend().open(dev).svc_enable(sid, False)
+    err = cni("CHECK", conf, netns=netns).error(100)
+    assert f"service {sid} on {dev} is disabled" in err["msg"]
+    err = cni("CHECK", sim.conf(cxi={"vnis": [300]}), netns=netns).error(100)
+    assert "VNIs are now [300]" in err["msg"]
+
+
+def test_check_without_add_is_unknown_container(cni, sim, netns):
+    cni("CHECK", sim.conf(), netns=netns).error(3)
+
+
+def test_del_removes_services_even_after_the_netns_is_gone(cni, sim, make_netns):
+    netns = make_netns()
+    conf = sim.conf()
+    cni("ADD", conf, netns=netns).ok()
+    subprocess.run(["ip", "netns", "del", os.path.basename(netns)], check=True)
+    cni("DEL", conf, netns=netns).ok()
+    cni("DEL", conf, netns=netns).ok()
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_rollback_when_device_two_of_two_fails(cni, sim, netns):
+    sim.seed({"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", False, SMALL)})
+    err = cni("ADD", sim.conf(cxi={"limits": {"les": {"max": 20}}}), netns=netns).error(100)
+    assert "cxi1" in err["msg"] and "Invalid argument" in err["msg"]
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_rollback_on_a_vf_keeps_nothing(cni, sim, netns):
+    sim.seed({"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", True, None)})
+    err = cni("ADD", sim.conf(), netns=netns).error(100)
+    assert "cxil_svc_set_netns on cxi1" in err["msg"] and "EPERM" in err["msg"]
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_busy_service_is_retried_then_reported_and_kept(cni, sim, netns):
+    conf = sim.conf()
+    cni("ADD", conf, netns=netns).ok()
+    busy_id = next(s.svc_id for s in sim.services() if s.device == "cxi1")
+    sim.set_busy("cxi1", busy_id, 1)
+    err = cni("DEL", conf, netns=netns).error(11)
+    assert "EBUSY" in err["msg"]
+    [record] = sim.records()
+    assert record["services"] == [{"device": "cxi1", "svcId": int(busy_id)}]
+    sim.set_busy("cxi1", busy_id, 0)
+    cni("DEL", conf, netns=netns).ok()
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_stale_service_on_a_reused_inode_is_never_inherited(cni, sim, netns):
+    """Pod A's namespace died without DEL and the kernel gave its inode to pod B's new
+    namespace (pretended here by binding A's service to B's inode). B must not get A's
+    VNI, and A's late DEL must not destroy B's service even though ids are reused."""
+    inode = os.stat(netns).st_ino
+    conf_a = sim.conf(cxi={"vnis": [666]})
+    cni("ADD", conf_a, netns=netns, container_id="podA").ok()  # A's record and services
+    assert {tuple(v) for _, _, v in bound(sim, inode)} == {(666,)}
+    conf_b = sim.conf(cxi={"vnis": [777]})
+    cni("ADD", conf_b, netns=netns, container_id="podB").ok()
+    assert [v for _, _, v in bound(sim, inode)] == [[777], [777]]
+    a_record = next(r for r in sim.records() if r["containerID"] == "podA")
+    assert a_record["services"] == []  # forgot the reaped services
+    cni("DEL", conf_a, netns=netns, container_id="podA").ok()
+    assert [v for _, _, v in bound(sim, inode)] == [[777], [777]]
+    cni("CHECK", conf_b, netns=netns, container_id="podB").ok()
+    log = sim.log_file.read_text()
+    assert "stale service" in log
+
+
+def test_stale_service_made_outside_the_plugin_is_reaped(cni, sim, netns):
+    inode = os.stat(netns).st_ino
+    dev = sim.backend().open("cxi0")
+    sid = dev.alloc_svc(ServiceDesc.for_netns([4242]))
+    dev.svc_set_netns(sid, inode)
+    cni("ADD", sim.conf(), netns=netns).ok()
+    assert all(v == [100] for _, _, v in bound(sim, inode))
+
+
+def test_two_attachments_of_one_pod_keep_each_other(cni, sim, netns):
+    """A pod with a flannel-chained cxi (eth0) and a NAD cxi (net1) on the same device."""
+    cni("ADD", sim.conf(), netns=netns, ifname="eth0").ok()
+    cni("ADD", sim.conf(cxi={"vnis": [200]}), netns=netns, ifname="net1").ok()
+    assert len(sim.services()) == 4
+    cni("CHECK", sim.conf(), netns=netns, ifname="eth0").ok()
+    cni("DEL", sim.conf(), netns=netns, ifname="eth0").ok()
+    assert sorted(v[0] for _, _, v in bound(sim, os.stat(netns).st_ino)) == [200, 200]
+
+
+def test_readd_replaces_the_old_services(cni, sim, netns):
+    cni("ADD", sim.conf(), netns=netns).ok()
+    cni("ADD", sim.conf(cxi={"vnis": [300]}), netns=netns).ok()
+    assert [list(s.desc.vnis) for s in sim.services()] == [[300], [300]]
+    assert len(sim.records()) == 1
+
+
+def test_32_concurrent_adds_give_32_distinct_services(cni, sim, make_netns):
+    spaces = [make_netns() for _ in range(32)]
+    conf = sim.conf(cxi={"devices": ["cxi0"]})
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        runs = list(pool.map(lambda i: cni("ADD", conf, netns=spaces[i], container_id=f"c{i}"),
+                             range(32)))
+    for run in runs:
+        run.ok()
+    services = sim.services()
+    assert len(services) == 32
+    assert len({s.svc_id for s in services}) == 32
+    assert {s.netns_inode for s in services} == {os.stat(ns).st_ino for ns in spaces}
+    assert len(sim.records()) == 32
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        for run in pool.map(lambda i: cni("DEL", conf, netns=spaces[i], container_id=f"c{i}"),
+                            range(32)):
+            run.ok()
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_gc_reaps_services_of_dead_namespaces(cni, sim, make_netns, cxi_bin, tmp_path):
+    live, dead = make_netns(), make_netns()
+    cni("ADD", sim.conf(), netns=live, container_id="live").ok()
+    cni("ADD", sim.conf(), netns=dead, container_id="dead").ok()
+    subprocess.run(["ip", "netns", "del", os.path.basename(dead)], check=True)
+    conf_file = tmp_path / "conf.json"
+    conf_file.write_text(json.dumps(sim.conf()))
+    out = subprocess.run([cxi_bin, "gc", "--config", str(conf_file)], capture_output=True,
+                         text=True, check=True, env={**os.environ, **sim.env}).stdout
+    assert "1 attachments removed" in out, out
+    assert [r["containerID"] for r in sim.records()] == ["live"]
+    assert {s.netns_inode for s in sim.services()} == {os.stat(live).st_ino}
+
+
+def test_services_json_and_doctor(cni, sim, netns, cxi_bin, tmp_path):
+    cni("ADD", sim.conf(), netns=netns).ok()
+    conflist = {"cniVersion": "1.0.0", "name": "podnet", "plugins": [
+        {"type": "bridge"}, {k: v for k, v in sim.conf().items() if k not in ("cniVersion", "name")}]}
+    path = tmp_path / "net.conflist"
+    path.write_text(json.dumps(conflist))
+    env = {**os.environ, **sim.env}
+    rows = json.loads(subprocess.run([cxi_bin, "services", "--json", "--config", str(path)],
+                                     capture_output=True, text=True, check=True, env=env).stdout)
+    assert len(rows) == 2
+    for row in rows:
+        assert {"device", "svc_id", "netns_inode", "vnis", "enabled", "container_id",
+                "ifname"} <= set(row)
+        assert row["netns_inode"] == os.stat(netns).st_ino and row["vnis"] == [100]
+        assert row["enabled"] is True and row["container_id"] == "ctr1" and row["ifname"] == "eth0"
+    doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
+                            text=True, env=env)
+    assert doctor.returncode == 0, doctor.stdout
+    assert f"backend {sim.kind}: reachable, devices cxi0, cxi1" in doctor.stdout
+    if sim.kind == "sim":
+        sim.sim_state.write_text("{")
+        doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
+                                text=True, env=env)
+        assert doctor.returncode == 1 and "damaged" in doctor.stdout
