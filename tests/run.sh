@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: install what the tests drive, build dist/cxi, run pytest.
+# Needs root (network namespaces, links, podman). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then echo "tests/run.sh: run as root (the tests make netns and links)" >&2; exit 1; fi
+
+# Debian packages: iproute2 (netns, veth, macvlan), the Go reference CNI plugins (host-local
+# IPAM, macvlan for side-by-side runs), gcc for the libcxi stand-in, openssl for the test
+# API server's certificates.
+packages=(iproute2 containernetworking-plugins gcc libc6-dev openssl python3.11-venv)
+missing=()
+for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]}"
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+for setup in tests/*/setup.sh; do
+  [ -x "$setup" ] && "$setup"
+done
+
+./build.sh
+exec .venv/bin/python -m pytest "$@"
