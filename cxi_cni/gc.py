@@ -24,8 +24,9 @@ def collect(att, keep: set[tuple[str, str]] | None) -> dict:
             fresh = att.store.load(*key)
             if fresh is None:
                 continue
-            from .plugin import bindings_of
+            from .plugin import bindings_of, release_orphan
 
+            release_orphan(att, fresh)
             failures = destroy(att.backend, bindings_of(fresh), fresh.get("netnsInode", 0))
             if failures:
                 fresh["services"] = [{"device": b.device, "svcId": b.svc_id} for b, _ in failures]
@@ -52,4 +53,20 @@ def collect(att, keep: set[tuple[str, str]] | None) -> dict:
             failed.append(f"{svc.device}/{svc.svc_id}: {exc}")
         finally:
             dev.close()
+    reaped.extend(sweep_orphans(att))
     return {"removedAttachments": removed, "reapedServices": reaped, "failures": failed}
+
+
+def sweep_orphans(att) -> list[str]:
+    """Unbound member-less services left by crashed ADDs, on devices where no ADD is
+    recorded as allocating right now."""
+    from .cxi.services import destroy_orphans
+
+    records = att.store.all()
+    busy = {r.get("allocating") for r in records}
+    claimed = {(s["device"], s["svcId"]) for r in records for s in r["services"]}
+    swept = []
+    for device in att.backend.device_names():
+        if device not in busy:
+            swept.extend(f"{device}/{sid}" for sid in destroy_orphans(att.backend, device, None, claimed))
+    return swept

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from . import logs
+from . import faults, logs
 from .cni.errors import (
     INVALID_CONFIG,
     NOT_AVAILABLE,
@@ -135,6 +135,16 @@ def bindings_of(record: dict | None) -> list:
     return [Binding(s["device"], s["svcId"]) for s in (record or {}).get("services", [])]
 
 
+def release_orphan(att: Attachment, record: dict) -> None:
+    """An ADD killed between alloc and recording the id left an unbound service behind."""
+    device = record.get("allocating")
+    if device:
+        from .cxi.services import destroy_orphans
+
+        claimed = {(s["device"], s["svcId"]) for r in att.store.all() for s in r["services"]}
+        destroy_orphans(att.backend, device, tuple(record.get("vnis") or ()), claimed)
+
+
 def state_guard(fn):
     """Map state, backend and CXI failures to CNI errors for every command."""
 
@@ -179,6 +189,7 @@ class CxiPlugin:
                 "link": None, "created": time.time(), "complete": False,
             }
             att.store.save(record)
+            faults.point("after-record")
             interface = None
             try:
                 if att.conf.master:
@@ -188,12 +199,16 @@ class CxiPlugin:
                     record["link"] = interface.record
                     att.store.save(record)
 
-                def made(binding):
-                    record["services"].append({"device": binding.device, "svcId": binding.svc_id})
+                def made(binding, device):
+                    record["allocating"] = None if binding else device
+                    if binding:
+                        record["services"].append({"device": binding.device,
+                                                   "svcId": binding.svc_id})
                     att.store.save(record)
 
                 bindings = bind_netns(att.backend, devices, inode, spec, made,
-                                      StaleJudge(att, inode).is_ours)
+                                      StaleJudge(att, inode).is_ours, faults.point)
+                faults.point("before-complete")
                 record["complete"] = True
                 att.store.save(record)
             except BaseException:
@@ -233,6 +248,7 @@ class CxiPlugin:
         """Destroy a record's services; keep the record with what is left if any fail."""
         from .cxi.services import destroy
 
+        release_orphan(att, record)
         bindings = bindings_of(record)
         if not bindings:
             return

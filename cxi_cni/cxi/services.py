@@ -38,21 +38,29 @@ class ServiceSpec:
 
 
 def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: ServiceSpec,
-               on_made: Callable[[Binding], None],
-               is_ours: Callable[[Service], bool]) -> list[Binding]:
+               on_made: Callable[[Binding | None, str], None],
+               is_ours: Callable[[Service], bool],
+               step: Callable[[str], None] = lambda name: None) -> list[Binding]:
     """On each device: reap services left bound to this inode by a dead namespace, then
-    alloc, disable, set netns, enable. On any failure destroy everything made here."""
+    alloc, disable, set netns, enable. On any failure destroy everything made here.
+
+    `on_made(None, device)` is called before each alloc and `on_made(binding, device)`
+    after it, so the caller can record the intent and then the id (a crash in between
+    leaves an unbound member-less service that `destroy_orphans` recognises)."""
     made: list[Binding] = []
     try:
-        for name in devices:
+        for index, name in enumerate(devices):
             dev = backend.open(name)
             try:
                 reap_stale(dev, inode, is_ours)
+                on_made(None, name)
                 svc_id = dev.alloc_svc(spec.desc())
                 made.append(Binding(name, svc_id))
-                on_made(made[-1])
+                step(f"after-alloc-{index}")
+                on_made(made[-1], name)
                 dev.svc_enable(svc_id, False)
                 dev.svc_set_netns(svc_id, inode)
+                step(f"after-bind-{index}")
                 dev.svc_enable(svc_id, True)
             finally:
                 dev.close()
@@ -154,6 +162,39 @@ def differences(backend: Backend, binding: Binding, inode: int, spec: ServiceSpe
     if spec.tcs and (not desc.restricted_tcs or desc.tcs != spec.tcs):
         problems.append(f"{where} has TCs {sorted(desc.tcs)}, expected {sorted(spec.tcs)}")
     return problems
+
+
+def is_orphan_shape(svc: Service) -> bool:
+    """A service as this plugin leaves it between alloc and set_netns: restricted to no
+    member at all and bound to nothing. Nobody can use it; only a crash leaves it."""
+    desc = svc.desc
+    return (svc.svc_id != DEFAULT_SVC_ID and svc.netns_inode == 0 and desc.restricted_members
+            and all(m.type == 0 for m in desc.members))
+
+
+def destroy_orphans(backend: Backend, device: str, vnis: tuple[int, ...] | None,
+                    claimed: set[tuple[str, int]]) -> list[int]:
+    """Destroy orphan-shaped services on `device` (with these VNIs, if given) that no
+    record claims."""
+    dev = backend.open(device)
+    destroyed = []
+    try:
+        for svc in dev.list_services():
+            if not is_orphan_shape(svc) or (device, svc.svc_id) in claimed:
+                continue
+            if vnis is not None and tuple(svc.desc.vnis) != tuple(vnis):
+                continue
+            try:
+                dev.destroy_svc(svc.svc_id)
+                destroyed.append(svc.svc_id)
+                log.warning("destroyed orphan service %s on %s (VNIs %s) left by a crashed ADD",
+                            svc.svc_id, device, list(svc.desc.vnis))
+            except CxiError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+    finally:
+        dev.close()
+    return destroyed
 
 
 def bound_services(backend: Backend, devices: Iterable[str]) -> list[Service]:
