@@ -4,6 +4,7 @@ Kubernetes Vni object of the pod's owner, or from the configuration, first match
 from __future__ import annotations
 
 import logging
+import os
 
 from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, CniError
 
@@ -49,6 +50,9 @@ def from_args(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | None:
 def from_kubernetes(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | None:
     namespace, pod = cni_args.get("K8S_POD_NAMESPACE"), cni_args.get("K8S_POD_NAME")
     if not namespace or not pod:
+        return None
+    if not conf.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        log.debug("no kubeconfig and not in a pod: the kubernetes VNI source is skipped")
         return None
     from . import k8s
 
