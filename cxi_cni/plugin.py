@@ -176,7 +176,7 @@ class CxiPlugin:
         att = Attachment(args)
         inode = att.netns_inode()
         spec = att.spec(vni_sources.resolve(att.conf, args.args))
-        devices = att.devices()
+        devices = att.devices() if spec.vnis else []
         with att.store.lock(args.container_id, args.ifname):
             previous = att.store.load(args.container_id, args.ifname)
             if previous:
@@ -289,7 +289,7 @@ class CxiPlugin:
             problems.append(f"the pod's VNIs are now {list(expected)}, its services grant "
                             f"{list(spec.vnis)}")
         recorded = {b.device for b in bindings_of(record)}
-        for device in att.devices():
+        for device in (att.devices() if spec.vnis else []):
             if device not in recorded:
                 problems.append(f"device {device} has no service for this attachment")
         for binding in bindings_of(record):
@@ -345,15 +345,20 @@ class StaleJudge:
     a namespace that died without DEL: it is reaped, and the dead attachment's record
     forgets it so a later DEL of that attachment cannot destroy a reused id."""
 
+    # How long to wait for another attachment's lock before answering "try again later":
+    # waiting forever could deadlock two ADDs of different containers on one namespace.
+    FORGET_WAIT = 5.0
+
     def __init__(self, att: Attachment, inode: int):
         self.att, self.inode = att, inode
-        self._records = None
 
     def is_ours(self, svc) -> bool:
-        if self._records is None:
-            self._records = self.att.store.all()
+        # The records are read afresh for every service: an ADD of another container in
+        # progress records each service before binding it, so a bound service is always
+        # claimed by now, and reaping it without forgetting the claim would leave that
+        # record pointing at an id the driver hands out again.
         claim = {"device": svc.device, "svcId": svc.svc_id}
-        for record in self._records:
+        for record in self.att.store.all():
             if claim in record.get("services", []) and record.get("netnsInode") == self.inode:
                 if record["containerID"] == self.att.args.container_id:
                     return True
@@ -361,11 +366,22 @@ class StaleJudge:
         return False
 
     def _forget(self, record: dict, claim: dict) -> None:
-        with self.att.store.lock(record["containerID"], record["ifname"]):
-            fresh = self.att.store.load(record["containerID"], record["ifname"])
-            if fresh and claim in fresh["services"]:
-                fresh["services"].remove(claim)
-                self.att.store.save(fresh)
-                log.warning("record of container %s ifname %s forgets stale service %s/%s",
-                            record["containerID"], record["ifname"], claim["device"],
-                            claim["svcId"])
+        from .state import AttachmentBusy
+
+        try:
+            with self.att.store.lock(record["containerID"], record["ifname"], self.FORGET_WAIT):
+                self._forget_locked(record, claim)
+        except AttachmentBusy:
+            raise CniError(TRY_AGAIN_LATER, f"network namespace {self.att.args.netns} has a "
+                           f"service of container {record['containerID']}, whose ADD or DEL "
+                           "is still running", "one namespace serves one pod sandbox; the "
+                           "runtime will retry") from None
+
+    def _forget_locked(self, record: dict, claim: dict) -> None:
+        fresh = self.att.store.load(record["containerID"], record["ifname"])
+        if fresh and claim in fresh["services"]:
+            fresh["services"].remove(claim)
+            self.att.store.save(fresh)
+            log.warning("record of container %s ifname %s forgets stale service %s/%s",
+                        record["containerID"], record["ifname"], claim["device"],
+                        claim["svcId"])

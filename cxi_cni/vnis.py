@@ -68,6 +68,8 @@ def from_kubernetes(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | N
 
 
 def resolve(conf, cni_args: dict[str, str]) -> tuple[int, ...]:
+    """The pod's VNIs; () when none is found and the policy lets the pod start without a
+    CXI service (it then cannot use the NIC at all)."""
     allow = conf.cxi.allowDefaultVni
     for source in conf.cxi.vniSources:
         if source == "config":
@@ -79,8 +81,12 @@ def resolve(conf, cni_args: dict[str, str]) -> tuple[int, ...]:
             vnis, origin = found
             log.debug("VNIs %s from %s", vnis, origin)
             return check_vnis(vnis, origin, allow)
-    if conf.cxi.vniPolicy == "fallback" and conf.cxi.vnis:
-        return check_vnis(conf.cxi.vnis, "cxi.vnis", allow)
+    if conf.cxi.vniPolicy == "fallback":
+        if conf.cxi.vnis:
+            return check_vnis(conf.cxi.vnis, "cxi.vnis", allow)
+        log.info("no VNI for this pod from %s: it gets no CXI service (vniPolicy fallback "
+                 "with no cxi.vnis)", ", ".join(conf.cxi.vniSources))
+        return ()
     raise CniError(INVALID_CONFIG, "no VNI for this pod: none of cxi.vniSources "
                    f"({', '.join(conf.cxi.vniSources)}) gave one",
                    "set cxi.vnis, pass args.cni.vni (Multus cni-args) or VNI= in CNI_ARGS, or "

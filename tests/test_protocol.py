@@ -146,7 +146,8 @@ def bad_cases(sim, netns, tmp_path):
         "relative stateDir": (7, dict(conf=sim.conf(stateDir="var/x")), "stateDir"),
         "netns is a regular file": (7, dict(netns=str(regular)), "nsfs"),
         "netns is the host's": (7, dict(netns="/proc/self/ns/net"), "host"),
-        "no VNI anywhere": (7, dict(conf=sim.conf(cxi={"vnis": []})), "no VNI"),
+        "no VNI anywhere": (7, dict(conf=sim.conf(cxi={"vnis": [], "vniPolicy": "required"})),
+                            "no VNI"),
         "limit beyond device": (100, dict(conf=sim.conf(cxi={"limits": {"acs": {"max": 5000}}})),
                                 "cxil_alloc_svc on cxi0"),
         "libcxi missing": (101, dict(conf=sim.conf(cxi={"backend": "libcxi",
@@ -230,3 +231,14 @@ def test_no_traceback_on_internal_error(cni, sim, netns):
     sim.sim_state.mkdir()
     err = cni("ADD", sim.conf(), netns=netns).error()
     assert err["code"] in (101, 999)
+
+
+def test_no_vni_under_fallback_starts_the_pod_without_a_service(cni, sim, netns):
+    """{"type": "cxi"} chained after flannel must not break pods that are not jobs."""
+    conf = sim.conf(cxi={"vnis": []}, prevResult=PREV_1X)
+    result = cni("ADD", conf, netns=netns).ok().json
+    assert result["ips"] == PREV_1X["ips"] and result["cxi"]["services"] == []
+    assert sim.services() == []
+    cni("CHECK", conf, netns=netns).ok()
+    cni("DEL", conf, netns=netns).ok()
+    assert sim.records() == []
