@@ -180,7 +180,11 @@ class CxiPlugin:
         with att.store.lock(args.container_id, args.ifname):
             previous = att.store.load(args.container_id, args.ifname)
             if previous:
-                log.warning("ADD for an attachment that exists; removing its old services first")
+                log.warning("ADD for an attachment that exists; removing what it had first")
+                if att.conf.master and previous.get("link"):
+                    from . import interface as iface
+
+                    iface.del_interface(att.conf, args)
                 self._release(att, previous)
             record = {
                 "containerID": args.container_id, "ifname": args.ifname,

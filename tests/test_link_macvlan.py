@@ -390,3 +390,17 @@ def test_status_and_gc_with_a_master(cni, sim, tmp_path, make_veth):
     assert "IPAM plugin 'host-local' is not in CNI_PATH" in err["msg"]
     gc = {**conf, "cni.dev/valid-attachments": []}
     cni("GC", gc, container_id=None, ifname=None, cni_path=CNI_PATH).ok()
+
+
+def test_add_again_replaces_the_link_lease_and_services(cni, sim, tmp_path, netns, make_veth):
+    """A runtime that repeats ADD (after a lost answer) gets a fresh attachment, not
+    "eth0 already exists", and nothing of the first ADD lingers."""
+    master = make_veth()
+    conf = macvlan_conf(sim, tmp_path, master)
+    cni("ADD", conf, netns=netns, cni_path=CNI_PATH).ok()
+    result = cni("ADD", conf, netns=netns, cni_path=CNI_PATH).ok().json
+    assert link_names(netns) == ["lo", "eth0"]
+    assert len(leases(tmp_path)) == 1 and len(sim.services()) == 2 and len(sim.records()) == 1
+    cni("CHECK", with_prev(conf, result), netns=netns, cni_path=CNI_PATH).ok()
+    cni("DEL", with_prev(conf, result), netns=netns, cni_path=CNI_PATH).ok()
+    assert_nothing_left(sim, tmp_path, netns)
