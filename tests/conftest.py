@@ -198,6 +198,23 @@ def cxi_setup(request, tmp_path, monkeypatch) -> SimSetup:
     return LibcxiSetup(tmp_path, request.getfixturevalue("standin_lib"), monkeypatch)
 
 
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    from kube_apiserver import make_pki
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def api(pki):
+    """A Kubernetes API server on 127.0.0.1 over TLS, accepting kube_apiserver.TOKEN."""
+    from kube_apiserver import TOKEN, KubeApiServer
+
+    with KubeApiServer(pki, TOKEN) as server:
+        yield server
+
+
 @pytest.fixture
 def cni(cxi_bin, request):
     """run_cni bound to the frozen binary, with the test's backend environment."""

@@ -38,6 +38,9 @@ PLURALS = {(gv, kind): plural for (gv, plural), kind in RESOURCES.items()}
 OBJECT_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+/[^/]+))/namespaces/([^/]+)/([^/]+)/([^/]+)$")
 
 
+TOKEN = "sa-token-0123456789abcdef"  # the bearer token the test servers accept
+
+
 @dataclass
 class Pki:
     """PEM files made by `openssl`: a CA, a server certificate it signed, a client certificate it signed."""

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_reference_compare import comparable
+from test_reference_compare import comparable, link_state
 from vm import vmtier
 
 from cxi_cni.cni.errors import INVALID_CONFIG
@@ -243,11 +243,7 @@ def pod_state(guest: GuestRun, tag: str) -> dict:
     link = guest.json(f"{tag}_link")[0]
     addrs = guest.json(f"{tag}_addr")[0]["addr_info"]
     return {
-        "kind": link["linkinfo"]["info_kind"],
-        "mode": link["linkinfo"]["info_data"]["mode"],
-        "mtu": link["mtu"], "flags": link["flags"], "operstate": link["operstate"],
-        "addresses": [{k: a.get(k) for k in ("family", "local", "prefixlen", "broadcast", "scope")}
-                      for a in addrs if a.get("scope") != "link"],
+        **link_state(link, addrs),
         "routes": sorted(json.dumps({k: v for k, v in route.items() if k != "protocol"}, sort_keys=True)
                           for route in guest.json(f"{tag}_routes") if route.get("dev") == "net1"
                           and not route["dst"].startswith("fe80")),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from kube_apiserver import (
+    TOKEN,
     KubeApiServer,
     make_ca,
-    make_pki,
     new_object,
     vni_object,
     write_kubeconfig,
@@ -23,19 +23,7 @@ from cxi_cni import k8s
 from cxi_cni.k8s import KubeError, KubeUnavailable, pod_vnis
 
 REPO = Path(__file__).resolve().parents[1]
-TOKEN = "sa-token-0123456789abcdef"
 NS = "team-a"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def api(pki):
-    with KubeApiServer(pki, TOKEN) as server:
-        yield server
 
 
 @pytest.fixture

@@ -45,14 +45,21 @@ def netns_state(netns: str) -> dict:
     arp_notify = sh("ip", "netns", "exec", ns_name(netns), "cat",
                     "/proc/sys/net/ipv4/conf/eth0/arp_notify").stdout.strip()
     return {
+        **link_state(link, addrs),
+        "routes": sorted((json_route(r) for r in routes if r.get("dev") == "eth0"
+                          and not r["dst"].startswith("fe80")), key=str),
+        "arp_notify": arp_notify,
+    }
+
+
+def link_state(link: dict, addrs: list[dict]) -> dict:
+    """What `ip -j -d link` and `ip -j addr` say of a pod link, without ids and MACs."""
+    return {
         "kind": link["linkinfo"]["info_kind"],
         "mode": link["linkinfo"]["info_data"]["mode"],
         "mtu": link["mtu"], "flags": link["flags"], "operstate": link["operstate"],
         "addresses": [{k: a.get(k) for k in ("family", "local", "prefixlen", "broadcast", "scope")}
                       for a in addrs if a.get("scope") != "link"],
-        "routes": sorted((json_route(r) for r in routes if r.get("dev") == "eth0"
-                          and not r["dst"].startswith("fe80")), key=str),
-        "arp_notify": arp_notify,
     }
 
 

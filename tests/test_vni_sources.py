@@ -6,21 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from kube_apiserver import KubeApiServer, make_pki, new_object, vni_object, write_kubeconfig
+from kube_apiserver import TOKEN, new_object, vni_object, write_kubeconfig
 
-TOKEN = "sa-token-for-cni-0123456789"
 NS = "team-b"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def api(pki):
-    with KubeApiServer(pki, TOKEN) as server:
-        yield server
 
 
 @pytest.fixture
