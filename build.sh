@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
 # Build dist/cxi, the single-file plugin binary, from a clean machine of this kind.
 # Installs what it needs (Debian's python3.11 with venv, the pinned packages) and fails loudly.
+#
+# dist/cxi is a small POSIX sh launcher with a tar.gz of a PyInstaller onedir build appended.
+# The first run on a node unpacks it into $CACHE_ROOT/<content id>/ (once; concurrent first
+# runs are safe); every run then starts the unpacked program directly, so no run pays for
+# unpacking. The build host's glibc (loader, libc and its companions) is bundled and the
+# program's ELF interpreter and RUNPATH point at that copy, so the binary starts on hosts
+# whose own glibc is older (the floor is the kernel glibc supports, 3.2, not a glibc version).
+#
+#   ./build.sh              dist/cxi
+#   ./build.sh --variants   also build/cxi-onefile (PyInstaller onefile, needs the build
+#                           host's glibc) and build/cxi-staticx, for bench/ comparisons
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-/usr/bin/python3.11}
+CACHE_ROOT=${CXI_CACHE_ROOT:-/run/cxi-cni}
+VARIANTS=0
+[ "${1:-}" = --variants ] && VARIANTS=1
+
 need_apt=()
 [ -x "$PY" ] || need_apt+=(python3.11)
 "$PY" -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3.11-venv)
 command -v gcc >/dev/null || need_apt+=(gcc)
+command -v patchelf >/dev/null || need_apt+=(patchelf)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "build.sh: installing ${need_apt[*]} with apt-get" >&2
   if [ "$(id -u)" != 0 ]; then echo "build.sh: need root to install ${need_apt[*]}" >&2; exit 1; fi
@@ -22,12 +38,91 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[build,test]'
 
-rm -rf build/pyinstaller dist/cxi
-.venv/bin/pyinstaller --noconfirm --clean --log-level WARN --onefile --name cxi \
-  --paths . --workpath build/pyinstaller --specpath build/pyinstaller --distpath dist \
-  cxi_cni/__main__.py
+# Modules the plugin never imports but that the venv (test tools) or the standard library
+# would drag in. yaml stays (k8s.py reads YAML kubeconfigs), without its C accelerator.
+EXCLUDES=(hypothesis yaml._yaml pytest _pytest sqlite3 _sqlite3 tkinter _tkinter pydoc_data
+  lib2to3 xmlrpc curses _curses readline bz2 _bz2 lzma _lzma
+  _codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr _codecs_tw
+  distutils setuptools pkg_resources pip)
+
+# PyInstaller's runtime hooks for inspect and multiprocessing import both modules on every
+# start (about 20 ms of VERSION's 65) for features the plugin does not use: source lookups
+# of frozen code, and multiprocessing's spawn/forkserver children (the plugin starts none;
+# pyroute2's child processes use fork). pkgutil's hook stays: pyroute2 lists its modules.
+DROPPED_RTHOOKS="'pyi_rth_inspect', 'pyi_rth_multiprocessing'"
+
+pyinstaller() {
+  local mode=$1 dist=$2 specdir=build/pyinstaller$1
+  rm -rf "$specdir"
+  .venv/bin/pyi-makespec --log-level WARN "$mode" --name cxi --paths "$PWD" --specpath "$specdir" \
+    "${EXCLUDES[@]/#/--exclude-module=}" "$PWD/cxi_cni/__main__.py" >/dev/null
+  sed -i "s/^pyz = PYZ(/a.scripts = [s for s in a.scripts if s[0] not in ($DROPPED_RTHOOKS)]\\npyz = PYZ(/" \
+    "$specdir/cxi.spec"
+  grep -q '^a.scripts = ' "$specdir/cxi.spec" || { echo "build.sh: cannot edit $specdir/cxi.spec" >&2; exit 1; }
+  .venv/bin/pyinstaller --noconfirm --clean --log-level WARN --workpath "$specdir" \
+    --distpath "$dist" "$specdir/cxi.spec"
+}
+
+rm -rf build/onedir build/payload
+pyinstaller --onedir build/onedir
+tree=build/onedir/cxi
+lib=$tree/_internal
+
+# The build host's glibc: the loader and every glibc library an ELF of the tree links to.
+loader=$(readelf -l "$tree/cxi" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
+cp -L "$loader" "$lib/"
+for soname in libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1 libresolv.so.2; do
+  path=$(ldconfig -p | awk -v s="$soname" '$1 == s && /x86-64/ {print $NF; exit}')
+  [ -n "$path" ] || { echo "build.sh: cannot find $soname of the build host" >&2; exit 1; }
+  cp -L "$path" "$lib/"
+done
+
+id=$(cd "$tree" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+home=$CACHE_ROOT/$id
+patchelf --set-interpreter "$home/_internal/$(basename "$loader")" --set-rpath "$home/_internal" "$tree/cxi"
+touch "$tree/.complete"
+tar -C "$tree" --owner=0 --group=0 --numeric-owner -czf build/payload.tar.gz .
+
+launcher=$(cat <<EOF
+#!/bin/sh
+# cxi: CNI plugin giving each pod its own CXI service on HPE Slingshot NICs.
+# A launcher with the program appended as tar.gz: the first run unpacks it into
+# $home (root only), later runs start it from there. Built by build.sh.
+d=$home
+if [ ! -e "\$d/.complete" ]; then
+  umask 022
+  mkdir -p "$CACHE_ROOT" && t=\$(mktemp -d "$CACHE_ROOT/.unpack.XXXXXX") || {
+    echo "cxi: cannot create a folder in $CACHE_ROOT to unpack into" >&2; exit 1; }
+  if ! tail -c +@OFFSET@ "\$0" | tar -xzf - -C "\$t"; then
+    rm -rf "\$t"; echo "cxi: cannot unpack \$0 into $CACHE_ROOT" >&2; exit 1
+  fi
+  { mv -T "\$t" "\$d" || rm -rf "\$t"; } 2>&-  # another first run may have won the race
+fi
+exec "\$d/cxi" "\$@"
+EOF
+)
+# The payload starts after the launcher; its offset is written into the launcher itself.
+size=$(( $(printf '%s\n' "$launcher" | wc -c) ))
+offset=$(( size + 1 ))
+while :; do
+  text=${launcher//@OFFSET@/$offset}
+  [ $(( $(printf '%s\n' "$text" | wc -c) + 1 )) -eq "$offset" ] && break
+  offset=$(( $(printf '%s\n' "$text" | wc -c) + 1 ))
+done
+mkdir -p dist
+{ printf '%s\n' "$text"; cat build/payload.tar.gz; } > dist/.cxi.new
+chmod 755 dist/.cxi.new
+mv -f dist/.cxi.new dist/cxi
+
+if [ "$VARIANTS" = 1 ]; then
+  rm -rf build/onefile
+  pyinstaller --onefile build/onefile
+  mv -f build/onefile/cxi build/cxi-onefile
+  .venv/bin/python -m pip install -q --disable-pip-version-check staticx==0.14.2
+  .venv/bin/staticx build/cxi-onefile build/cxi-staticx
+fi
 
 test -x dist/cxi || { echo "build.sh: dist/cxi was not produced" >&2; exit 1; }
 echo '{"cniVersion":"1.1.0"}' | CNI_COMMAND=VERSION dist/cxi >/dev/null \
   || { echo "build.sh: dist/cxi does not answer VERSION" >&2; exit 1; }
-echo "build.sh: built dist/cxi ($(du -h dist/cxi | cut -f1))"
+echo "build.sh: built dist/cxi ($(du -h dist/cxi | cut -f1)), unpacks into $home"

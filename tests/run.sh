@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ]; then echo "tests/run.sh: run as root (the tests make net
 # Debian packages: iproute2 (netns, veth, macvlan), the Go reference CNI plugins (host-local
 # IPAM, macvlan for side-by-side runs), gcc for the libcxi stand-in, openssl for the test
 # API server's certificates.
-packages=(iproute2 iputils-ping containernetworking-plugins gcc libc6-dev openssl python3.11-venv)
+packages=(iproute2 iputils-ping containernetworking-plugins gcc libc6-dev binutils openssl python3.11-venv)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
