@@ -72,7 +72,7 @@ lib=$tree/_internal
 loader=$(readelf -l "$tree/cxi" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
 cp -L "$loader" "$lib/"
 for soname in libc.so.6 libm.so.6 libpthread.so.0 libdl.so.2 librt.so.1 libutil.so.1 libresolv.so.2; do
-  path=$(ldconfig -p | awk -v s="$soname" '$1 == s && /x86-64/ {print $NF; exit}')
+  path=$(ldconfig -p | awk -v s="$soname" '$1 == s && /x86-64/ && !found {print $NF; found = 1}')
   [ -n "$path" ] || { echo "build.sh: cannot find $soname of the build host" >&2; exit 1; }
   cp -L "$path" "$lib/"
 done

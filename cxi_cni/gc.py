@@ -26,6 +26,15 @@ def collect(att, keep: set[tuple[str, str]] | None) -> dict:
                 continue
             from .plugin import bindings_of, release_orphan
 
+            if att.conf.master:  # the pod's link and addresses, as DEL would remove them
+                from .cni.errors import CniError
+                from .interface import gc_attachment
+
+                try:
+                    gc_attachment(att.conf, att.args, fresh)
+                except CniError as exc:
+                    failed.append(f"{key[0]}/{key[1]}: {exc.msg}")
+                    continue
             release_orphan(att, fresh)
             failures = destroy(att.backend, bindings_of(fresh), fresh.get("netnsInode", 0))
             if failures:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from . import faults
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
 from .cni.skel import CmdArgs
 from .cni.version import at_least
@@ -103,18 +104,22 @@ def add_interface(conf, args: CmdArgs) -> AddedInterface:
                            f"namespace {args.netns}",
                            "another plugin made it: give this attachment another interface "
                            "name (Multus: the \"interface\" key of the network selection)")
+        temp = temp_link_name(args)
+        remove_own_link(conf, pod, temp)  # left by an ADD killed before its rename
         try:
-            temp = host.create(conf.linkType, conf.link_mode, master.index, conf.mtu,
-                               None if conf.linkInContainer else netns_fd)
+            host.create(conf.linkType, conf.link_mode, master.index, conf.mtu,
+                        None if conf.linkInContainer else netns_fd, name=temp)
         except link.LinkError as exc:
             raise creation_error(exc, conf) from None
         made = pod.find(temp)
         if made is None:
             raise link.LinkError(f"the new {conf.linkType} link {temp} is not in {args.netns}")
         undo.append(lambda: pod.delete(made.index))
+        faults.point("after-link")
         pod.rename(made.index, args.ifname)
         leased = ipam.add(args)
         undo.append(lambda: ipam.delete(args))
+        faults.point("after-ipam")
         ips = [{**ip, "interface": 0} for ip in leased["ips"]]
         routes = leased.get("routes") or []
         link.configure(pod, made.index, args.ifname, ips, routes)
@@ -147,9 +152,35 @@ def add_interface(conf, args: CmdArgs) -> AddedInterface:
         os.close(netns_fd)
 
 
-def remove_link(conf, args: CmdArgs) -> None:
-    """Delete our link from the pod's netns; nothing to do if the netns or link is gone.
-    A link of another kind under CNI_IFNAME is not ours and is left alone."""
+def temp_link_name(args: CmdArgs) -> str:
+    """The pod's link's name between its creation and its rename to CNI_IFNAME: fixed per
+    attachment, so DEL and GC find it after an ADD killed in between."""
+    import hashlib
+
+    return "cxi" + hashlib.sha256(f"{args.container_id}\0{args.ifname}".encode()).hexdigest()[:11]
+
+
+def remove_own_link(conf, pod, name: str) -> None:
+    """Delete `name` in the pod's netns if it is a link of our kind."""
+    from . import link
+
+    found = pod.find(name)
+    if found is None:
+        return
+    if found.kind != conf.linkType:
+        log.warning("%s is a %s link, not ours: left alone", name, found.kind or "plain")
+        return
+    try:
+        pod.delete(found.index)
+    except link.LinkError as exc:
+        if exc.errno != 19:  # ENODEV: gone meanwhile
+            raise
+
+
+def remove_link(conf, args: CmdArgs, inode: int = 0) -> None:
+    """Delete our link (named CNI_IFNAME, or still its temporary name) from the pod's
+    netns; nothing to do if the netns or link is gone, or if `inode` is given and the
+    path now holds another namespace. A link of another kind is not ours and is left alone."""
     import os
 
     from . import link
@@ -162,19 +193,12 @@ def remove_link(conf, args: CmdArgs) -> None:
         log.info("no link to delete: %s", exc)
         return
     try:
+        if inode and os.fstat(netns_fd).st_ino != inode:
+            log.info("no link to delete: %s is another namespace now", args.netns)
+            return
         with link.Rtnl(netns_fd) as pod:
-            found = pod.find(args.ifname)
-            if found is None:
-                return
-            if found.kind != conf.linkType:
-                log.warning("%s in %s is a %s link, not ours: left alone", args.ifname,
-                            args.netns, found.kind or "plain")
-                return
-            try:
-                pod.delete(found.index)
-            except link.LinkError as exc:
-                if exc.errno != 19:  # ENODEV: gone meanwhile
-                    raise
+            for name in (args.ifname, temp_link_name(args)):
+                remove_own_link(conf, pod, name)
     except OSError as exc:  # setns refused: the path is no longer a network namespace
         log.info("no link to delete: %s is not a network namespace (%s)", args.netns, exc)
     except link.LinkError as exc:
@@ -295,6 +319,39 @@ def status_interface(conf, args: CmdArgs) -> None:
         raise CniError(NOT_AVAILABLE, exc.msg, exc.details) from None
     except link.LinkError as exc:
         raise CniError(NOT_AVAILABLE, str(exc), "check the node's links") from None
+
+
+def gc_attachment(conf, args: CmdArgs, record: dict) -> None:
+    """GC of one attachment the runtime no longer knows (its record): its link, if its
+    namespace is still there, and its addresses by IPAM DEL, in a cniVersion the IPAM
+    plugin speaks (GC itself needs 1.1.0, which older IPAM plugins refuse)."""
+    import dataclasses
+
+    from . import ipam
+
+    env = {**(args.env or {}), "CNI_CONTAINERID": record["containerID"],
+           "CNI_IFNAME": record["ifname"], "CNI_NETNS": record.get("netns") or ""}
+    gone = dataclasses.replace(args, command="DEL", container_id=record["containerID"],
+                               ifname=record["ifname"], netns=record.get("netns") or "", env=env)
+    remove_link(conf, gone, record.get("netnsInode") or 0)
+    if not gone.cni_path:
+        log.warning("no CNI_PATH: addresses of %s/%s not released", gone.container_id, gone.ifname)
+        return
+    version = ipam_version(gone)
+    ipam.delete(dataclasses.replace(gone, conf={**gone.conf, "cniVersion": version},
+                                    cni_version=version))
+
+
+def ipam_version(args: CmdArgs) -> str:
+    """The configuration's cniVersion if the IPAM plugin speaks it, else the newest older
+    one it does."""
+    from . import ipam
+    from .cni.version import SUPPORTED_VERSIONS, parse
+
+    answer = ipam.run("VERSION", args, stdin={"cniVersion": args.cni_version})
+    spoken = set((answer or {}).get("supportedVersions") or [])
+    usable = [v for v in SUPPORTED_VERSIONS if v in spoken and parse(v) <= parse(args.cni_version)]
+    return usable[-1] if usable else args.cni_version
 
 
 def gc_interface(conf, args: CmdArgs) -> None:

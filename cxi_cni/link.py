@@ -169,10 +169,11 @@ class Rtnl:
         return [m.get("IFLA_IFNAME") for m in self.call("cannot list links", self.ipr.link, "dump")]
 
     def create(self, kind: str, mode: str, parent_index: int, mtu: int,
-               into_netns_fd: int | None) -> str:
-        """A new link on the parent under a temporary name, made directly in the netns of
-        `into_netns_fd` (or in this socket's netns when None); returns the temporary name."""
-        temp = "cxi" + uuid.uuid4().hex[:11]
+               into_netns_fd: int | None, name: str | None = None) -> str:
+        """A new link on the parent under a temporary name (`name`, or a random one), made
+        directly in the netns of `into_netns_fd` (or in this socket's netns when None);
+        returns the temporary name."""
+        temp = name or "cxi" + uuid.uuid4().hex[:11]
         spec = {"ifname": temp, "kind": kind, "link": parent_index}
         if kind == "macvlan":
             spec["macvlan_mode"] = mode

@@ -145,6 +145,24 @@ def release_orphan(att: Attachment, record: dict) -> None:
         destroy_orphans(att.backend, device, tuple(record.get("vnis") or ()), claimed)
 
 
+def release_unclaimed(att: Attachment, inode: int) -> None:
+    """DEL whose record is unreadable: destroy the services bound to the pod's namespace
+    that no readable record claims (they can only be this attachment's). With the
+    namespace gone (inode 0), GC reaps them."""
+    if not inode:
+        return
+    from .cxi.services import reap_stale
+
+    claimed = {(s["device"], s["svcId"]) for r in att.store.all() for s in r["services"]}
+    for name in att.backend.device_names():
+        dev = att.backend.open(name)
+        try:
+            reap_stale(dev, inode, lambda svc, reap: None if (svc.device, svc.svc_id) in claimed
+                       else reap())
+        finally:
+            dev.close()
+
+
 def state_guard(fn):
     """Map state, backend and CXI failures to CNI errors for every command."""
 
@@ -181,7 +199,7 @@ class CxiPlugin:
             previous = att.store.load(args.container_id, args.ifname)
             if previous:
                 log.warning("ADD for an attachment that exists; removing what it had first")
-                if att.conf.master and previous.get("link"):
+                if att.conf.master:
                     from . import interface as iface
 
                     iface.del_interface(att.conf, args)
@@ -211,7 +229,7 @@ class CxiPlugin:
                     att.store.save(record)
 
                 bindings = bind_netns(att.backend, devices, inode, spec, made,
-                                      StaleJudge(att, inode).is_ours, faults.point)
+                                      StaleJudge(att, inode).judge, faults.point)
                 faults.point("before-complete")
                 record["complete"] = True
                 att.store.save(record)
@@ -237,15 +255,18 @@ class CxiPlugin:
         with att.store.lock(args.container_id, args.ifname):
             try:
                 record = att.store.load(args.container_id, args.ifname)
+                damaged = False
             except Exception as exc:  # a damaged record must not block the pod's removal
                 log.error("unreadable record, removing it: %s", exc)
-                record = None
+                record, damaged = None, True
             if att.conf.master:
                 from . import interface as iface
 
                 iface.del_interface(att.conf, args)
             if record is not None:
                 self._release(att, record)
+            elif damaged:
+                release_unclaimed(att, att.netns_inode(required=False))
             att.store.remove(args.container_id, args.ifname)
 
     def _release(self, att: Attachment, record: dict) -> None:
@@ -356,30 +377,38 @@ class StaleJudge:
     def __init__(self, att: Attachment, inode: int):
         self.att, self.inode = att, inode
 
-    def is_ours(self, svc) -> bool:
-        # The records are read afresh for every service: an ADD of another container in
-        # progress records each service before binding it, so a bound service is always
-        # claimed by now, and reaping it without forgetting the claim would leave that
-        # record pointing at an id the driver hands out again.
+    def judge(self, svc, reap) -> None:
+        """Call `reap()` unless a record of this container claims `svc`. The records are
+        read afresh each time: an ADD of another container in progress records each service
+        before binding it, so a bound service is claimed by now. A claim of another
+        container is forgotten under that attachment's lock, so its owner cannot destroy
+        the id meanwhile and its record never points at an id the driver hands out again."""
         claim = {"device": svc.device, "svcId": svc.svc_id}
-        for record in self.att.store.all():
-            if claim in record.get("services", []) and record.get("netnsInode") == self.inode:
-                if record["containerID"] == self.att.args.container_id:
-                    return True
-                self._forget(record, claim)
-        return False
-
-    def _forget(self, record: dict, claim: dict) -> None:
+        claimants = self.claimants(claim)
+        if any(r["containerID"] == self.att.args.container_id for r in claimants):
+            return
+        other = next(iter(claimants), None)
+        if other is None:
+            reap()
+            return
         from .state import AttachmentBusy
 
         try:
-            with self.att.store.lock(record["containerID"], record["ifname"], self.FORGET_WAIT):
-                self._forget_locked(record, claim)
+            with self.att.store.lock(other["containerID"], other["ifname"], self.FORGET_WAIT):
+                if any(r["containerID"] == self.att.args.container_id
+                       for r in self.claimants(claim)):
+                    return  # while we waited, the id went to this container
+                reap()
+                self._forget_locked(other, claim)
         except AttachmentBusy:
             raise CniError(TRY_AGAIN_LATER, f"network namespace {self.att.args.netns} has a "
-                           f"service of container {record['containerID']}, whose ADD or DEL "
+                           f"service of container {other['containerID']}, whose ADD or DEL "
                            "is still running", "one namespace serves one pod sandbox; the "
                            "runtime will retry") from None
+
+    def claimants(self, claim: dict) -> list[dict]:
+        return [r for r in self.att.store.all()
+                if claim in r.get("services", []) and r.get("netnsInode") == self.inode]
 
     def _forget_locked(self, record: dict, claim: dict) -> None:
         fresh = self.att.store.load(record["containerID"], record["ifname"])

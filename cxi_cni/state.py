@@ -9,10 +9,30 @@ import hashlib
 import json
 import os
 import stat
+import time
 
 
 class StateError(Exception):
     """The state directory or a record cannot be trusted or used; the message says why."""
+
+
+class AttachmentBusy(Exception):
+    """Another process held an attachment's lock for longer than we were willing to wait."""
+
+
+def flock_until(fd: int, deadline: float | None) -> None:
+    """flock LOCK_EX, waiting forever (deadline None) or until the monotonic deadline."""
+    if deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise AttachmentBusy() from None
+            time.sleep(0.02)
 
 
 def attachment_key(container_id: str, ifname: str) -> str:
@@ -49,14 +69,20 @@ class AttachmentStore:
         return os.path.join(self.directory, attachment_key(container_id, ifname) + ".json")
 
     @contextlib.contextmanager
-    def lock(self, container_id: str, ifname: str):
+    def lock(self, container_id: str, ifname: str, timeout: float | None = None):
         """Exclusive lock of one attachment. The lock file is removed by `remove`, so
-        after taking it we make sure it is still the file at its path."""
+        after taking it we make sure it is still the file at its path. With `timeout`,
+        AttachmentBusy if it cannot be had within that many seconds."""
         self.ensure()
         path = os.path.join(self.locks, attachment_key(container_id, ifname))
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                flock_until(fd, deadline)
+            except AttachmentBusy:
+                os.close(fd)
+                raise
             try:
                 same = os.fstat(fd).st_ino == os.stat(path).st_ino
             except FileNotFoundError:

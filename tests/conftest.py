@@ -13,6 +13,9 @@ from cnitool import run_cni
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Totals of cases run, kills survived and leaks found, printed at the end of the run.
+pytest_plugins = ["reliability"]
+
 
 def pytest_configure(config):
     if os.geteuid() != 0:

@@ -123,7 +123,7 @@ def read_stdin(stream) -> bytes:
 def decode_conf(data: bytes) -> dict:
     try:
         conf = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CniError(DECODE_FAILURE, f"cannot decode the network configuration: {exc}",
                        "stdin must hold one JSON object") from None
     if not isinstance(conf, dict):

@@ -39,7 +39,7 @@ class ServiceSpec:
 
 def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: ServiceSpec,
                on_made: Callable[[Binding | None, str], None],
-               is_ours: Callable[[Service], bool],
+               judge: Callable[[Service, Callable[[], None]], None],
                step: Callable[[str], None] = lambda name: None) -> list[Binding]:
     """On each device: reap services left bound to this inode by a dead namespace, then
     alloc, disable, set netns, enable. On any failure destroy everything made here.
@@ -52,7 +52,7 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
         for index, name in enumerate(devices):
             dev = backend.open(name)
             try:
-                reap_stale(dev, inode, is_ours)
+                reap_stale(dev, inode, judge)
                 on_made(None, name)
                 svc_id = dev.alloc_svc(spec.desc())
                 made.append(Binding(name, svc_id))
@@ -73,17 +73,39 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
     return made
 
 
-def reap_stale(dev, inode: int, is_ours: Callable[[Service], bool]) -> list[int]:
+def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], None]) -> list[int]:
     """Destroy services bound to `inode` that this attachment does not own: the inode
-    belonged to a namespace that died without DEL, and its VNIs must not be inherited."""
+    belonged to a namespace that died without DEL, and its VNIs must not be inherited.
+
+    `judge(svc, reap)` calls `reap()` unless the service is this attachment's; it chooses
+    the moment (holding the owner's lock), and `reap` destroys the id only if it is still
+    bound to `inode`, since the listing may be old and the id handed out again."""
     reaped = []
     for svc in dev.list_services():
-        if svc.netns_inode == inode and svc.svc_id != DEFAULT_SVC_ID and not is_ours(svc):
-            log.warning("destroying stale service %s on %s bound to reused netns inode %s "
-                        "(VNIs %s)", svc.svc_id, dev.name, inode, list(svc.desc.vnis))
-            dev.destroy_svc(svc.svc_id)
-            reaped.append(svc.svc_id)
+        if svc.netns_inode != inode or svc.svc_id == DEFAULT_SVC_ID:
+            continue
+
+        def reap(svc=svc) -> None:
+            if destroy_if_bound(dev, svc.svc_id, inode):
+                log.warning("destroyed stale service %s on %s bound to reused netns inode %s "
+                            "(VNIs %s)", svc.svc_id, dev.name, inode, list(svc.desc.vnis))
+                reaped.append(svc.svc_id)
+
+        judge(svc, reap)
     return reaped
+
+
+def destroy_if_bound(dev, svc_id: int, inode: int) -> bool:
+    """Destroy `svc_id` if it is (still) bound to `inode`; False if it is gone or not."""
+    try:
+        if dev.svc_get_netns(svc_id) != inode:
+            return False
+        dev.destroy_svc(svc_id)
+    except CxiError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    return True
 
 
 def destroy(backend: Backend, bindings: Iterable[Binding], inode: int,
