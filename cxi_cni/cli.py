@@ -38,14 +38,15 @@ def load_plugin_conf(path: str | None) -> dict:
     return conf
 
 
-def attachment_for(path: str | None, command: str = "CLI"):
+def attachment_for(path: str | None, command: str = "CLI", cni_path: str = ""):
     """An Attachment (config, backend, records) for admin commands."""
     from .cni.errors import CniError
     from .cni.skel import CmdArgs
     from .plugin import Attachment
 
     conf = load_plugin_conf(path)
-    args = CmdArgs(command=command, container_id="", netns="", ifname="", cni_path=[],
+    args = CmdArgs(command=command, container_id="", netns="", ifname="",
+                   cni_path=[p for p in cni_path.split(":") if p],
                    args={}, conf=conf, cni_version=conf.get("cniVersion", LATEST))
     try:
         return Attachment(args)
@@ -125,10 +126,12 @@ def guarded(fn):
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 @click.option("--valid", multiple=True, metavar="CONTAINERID/IFNAME",
               help="keep only these attachments (as CNI GC's valid-attachments); repeatable")
-def gc(config_path, valid):
+@click.option("--cni-path", default="/opt/cni/bin", show_default=True,
+              help="where the IPAM plugin lives, to release the leases of removed attachments")
+def gc(config_path, valid, cni_path):
     from .gc import collect
 
-    att = attachment_for(config_path, "GC")
+    att = attachment_for(config_path, "GC", cni_path)
     keep = {tuple(v.rsplit("/", 1)) for v in valid} if valid else None
     report = guarded(lambda: collect(att, keep))
     for key, label in (("removedAttachments", "removed attachment"),
