@@ -40,8 +40,8 @@ def load_plugin_conf(path: str | None) -> dict:
 
 def attachment_for(path: str | None, command: str = "CLI", cni_path: str = ""):
     """An Attachment (config, backend, records) for admin commands."""
+    from .cni.args import CmdArgs
     from .cni.errors import CniError
-    from .cni.skel import CmdArgs
     from .plugin import Attachment
 
     conf = load_plugin_conf(path)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 
 from . import faults
+from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CniError
-from .cni.skel import CmdArgs
 from .cni.version import at_least
 
 log = logging.getLogger("cxi_cni.interface")

@@ -8,8 +8,8 @@ import json
 import os
 import subprocess
 
+from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, CniError
-from .cni.skel import CmdArgs
 from .cni.version import normalize_result
 
 # The IPAM plugin failed without answering in the spec's error format (crash, garbage).

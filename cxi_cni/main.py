@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 
+def load_plugin():
+    from .plugin import CxiPlugin
+
+    return CxiPlugin()
+
+
 def log_finish(command: str, args, failure, duration: float) -> None:
+    if "logging" not in sys.modules:  # nothing configured a log (VERSION, early errors)
+        return
+    import logging
+
     logger = logging.getLogger("cxi_cni")
     if not logger.handlers:
         return
@@ -23,9 +32,8 @@ def log_finish(command: str, args, failure, duration: float) -> None:
 def main() -> int:
     if "CNI_COMMAND" in os.environ:
         from .cni.skel import dispatch
-        from .plugin import CxiPlugin
 
-        return dispatch(CxiPlugin(), dict(os.environ), on_finish=log_finish)
+        return dispatch(load_plugin, dict(os.environ), on_finish=log_finish)
     from .cli import cli
 
     return cli.main(prog_name="cxi", standalone_mode=True) or 0

@@ -7,6 +7,7 @@ import logging
 import time
 
 from . import faults, logs
+from .cni.args import CmdArgs
 from .cni.errors import (
     INVALID_CONFIG,
     NOT_AVAILABLE,
@@ -14,7 +15,6 @@ from .cni.errors import (
     UNKNOWN_CONTAINER,
     CniError,
 )
-from .cni.skel import CmdArgs
 from .cni.version import merge_results
 
 log = logging.getLogger("cxi_cni.plugin")

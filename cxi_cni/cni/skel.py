@@ -8,8 +8,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import version as cniversion
 from .errors import (
@@ -19,6 +18,9 @@ from .errors import (
     IO_FAILURE,
     CniError,
 )
+
+if TYPE_CHECKING:
+    from .args import CmdArgs
 
 COMMANDS = ("ADD", "DEL", "CHECK", "STATUS", "VERSION", "GC")
 
@@ -37,22 +39,6 @@ MIN_VERSION = {"STATUS": "1.1.0", "GC": "1.1.0"}
 CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 IFNAME_BAD_CHARS = re.compile(r"[/:\s]")
 MAX_STDIN = 16 * 1024 * 1024
-
-
-@dataclass
-class CmdArgs:
-    """One CNI invocation, parsed and checked."""
-
-    command: str
-    container_id: str
-    netns: str
-    ifname: str
-    cni_path: list[str]
-    args: dict[str, str]
-    conf: dict
-    cni_version: str
-    prev_result: dict | None = None
-    env: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 class Plugin(Protocol):
@@ -151,6 +137,8 @@ def config_version(conf: dict) -> str:
 
 
 def build_args(command: str, env: dict[str, str], conf: dict, version: str) -> CmdArgs:
+    from .args import CmdArgs
+
     minimum = MIN_VERSION.get(command)
     if minimum and not cniversion.at_least(version, minimum):
         raise CniError(INCOMPATIBLE_VERSION, f"{command} needs cniVersion {minimum} or later, "
@@ -180,9 +168,10 @@ def run_command(plugin: Plugin, args: CmdArgs):
     return cniversion.result_for(result, args.cni_version) if args.command == "ADD" else None
 
 
-def dispatch(plugin: Plugin, env: dict[str, str], stdin=None, stdout=None,
+def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None, stdout=None,
              on_finish: FinishHook | None = None) -> int:
-    """Run one CNI command; returns the process exit code. Never raises."""
+    """Run one CNI command; returns the process exit code. Never raises. The plugin is
+    loaded only for commands other than VERSION, which must stay cheap."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     started = time.monotonic()
     command = env.get("CNI_COMMAND", "")
@@ -201,7 +190,7 @@ def dispatch(plugin: Plugin, env: dict[str, str], stdin=None, stdout=None,
             version = config_version(conf)
             error_version = version
             args = build_args(command, env, conf, version)
-            output = run_command(plugin, args)
+            output = run_command(load_plugin(), args)
         if output is not None:
             stdout.write(json.dumps(output) + "\n")
         stdout.flush()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 from .errors import INCOMPATIBLE_VERSION, CniError
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -39,6 +37,8 @@ def at_least(version: str, minimum: str) -> bool:
 
 def normalize_result(result: dict | None) -> dict:
     """A result of any supported version in the 1.x shape (ips without "version")."""
+    import copy
+
     out = copy.deepcopy(result or {})
     out.pop("cniVersion", None)
     for ip in out.get("ips") or []:
@@ -48,6 +48,8 @@ def normalize_result(result: dict | None) -> dict:
 
 def result_for(result: dict, version: str) -> dict:
     """A 1.x-shaped result converted for the given spec version, with cniVersion set."""
+    import copy
+
     out = {"cniVersion": version, **copy.deepcopy(result)}
     for key in ("interfaces", "ips", "routes"):
         out.setdefault(key, [])
@@ -60,6 +62,8 @@ def result_for(result: dict, version: str) -> dict:
 def merge_results(prev: dict | None, ours: dict | None) -> dict:
     """prevResult (1.x shape) with this plugin's interfaces, ips, routes and dns appended;
     our ips' interface indexes are shifted past the previous interfaces."""
+    import copy
+
     out = copy.deepcopy(prev or {})
     ours = ours or {}
     offset = len(out.get("interfaces") or [])
