@@ -6,15 +6,19 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "tests/run.sh: run as root (the tests make netns and links)" >&2; exit 1; fi
 
 # Debian packages: iproute2 (netns, veth, macvlan), the Go reference CNI plugins (host-local
-# IPAM, macvlan for side-by-side runs), gcc for the libcxi stand-in, openssl for the test
-# API server's certificates.
-packages=(iproute2 iputils-ping containernetworking-plugins gcc libc6-dev binutils openssl python3.11-venv)
+# IPAM, macvlan for side-by-side runs), gcc for the libcxi stand-in, binutils for the
+# portability checks, openssl for the test API server's certificates, qemu and busybox for
+# the VM that runs real ipvlan, podman for the runtime tests (tests/podman/setup.sh
+# configures it). One apt-get update, then one install of whatever is missing.
+packages=(iproute2 iputils-ping containernetworking-plugins gcc libc6-dev binutils openssl
+  python3.11-venv patchelf qemu-system-x86 busybox-static cpio kmod
+  podman runc catatonit iptables)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}"
   apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
 fi
 for setup in tests/*/setup.sh; do
   [ -x "$setup" ] && "$setup"
