@@ -73,7 +73,7 @@ def sweep_orphans(att) -> list[str]:
 
     records = att.store.all()
     busy = {r.get("allocating") for r in records}
-    claimed = {(s["device"], s["svcId"]) for r in records for s in r["services"]}
+    claimed = att.store.claimed(records)
     swept = []
     for device in att.backend.device_names():
         if device not in busy:

@@ -141,8 +141,7 @@ def release_orphan(att: Attachment, record: dict) -> None:
     if device:
         from .cxi.services import destroy_orphans
 
-        claimed = {(s["device"], s["svcId"]) for r in att.store.all() for s in r["services"]}
-        destroy_orphans(att.backend, device, tuple(record.get("vnis") or ()), claimed)
+        destroy_orphans(att.backend, device, tuple(record.get("vnis") or ()), att.store.claimed())
 
 
 def release_unclaimed(att: Attachment, inode: int) -> None:
@@ -153,7 +152,7 @@ def release_unclaimed(att: Attachment, inode: int) -> None:
         return
     from .cxi.services import reap_stale
 
-    claimed = {(s["device"], s["svcId"]) for r in att.store.all() for s in r["services"]}
+    claimed = att.store.claimed()
     for name in att.backend.device_names():
         dev = att.backend.open(name)
         try:

@@ -132,6 +132,11 @@ class AttachmentStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
+    def claimed(self, records: list[dict] | None = None) -> set[tuple[str, int]]:
+        """(device, svc_id) of every service some record claims."""
+        return {(s["device"], s["svcId"]) for r in (self.all() if records is None else records)
+                for s in r["services"]}
+
     def all(self) -> list[dict]:
         """Every readable record; damaged ones are skipped (they are reported on use)."""
         try:
