@@ -33,6 +33,20 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# CNI_ARGS keys that name the pod (containerd, CRI-O and podman set them) -> log field.
+POD_KEYS = (("K8S_POD_NAMESPACE", "podNamespace"), ("K8S_POD_NAME", "podName"),
+            ("K8S_POD_UID", "podUID"))
+MAX_FIELD = 253
+
+
+def pod_fields(cni_args: dict[str, str]) -> dict[str, str]:
+    """The pod an attachment belongs to, as log fields, when the runtime names it."""
+    fields = {field: cni_args[key][:MAX_FIELD] for key, field in POD_KEYS if cni_args.get(key)}
+    if "podNamespace" in fields and "podName" in fields:
+        fields["pod"] = f"{fields.pop('podNamespace')}/{fields.pop('podName')}"
+    return fields
+
+
 def configure(path: str, level: str, context: dict) -> bool:
     """Send the package's log records to `path`; False (and no logging) if it can't be opened."""
     root = logging.getLogger("cxi_cni")

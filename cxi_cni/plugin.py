@@ -52,7 +52,7 @@ class Attachment:
         self.conf = parse_conf(args.conf)
         logs.configure(self.conf.logFile, self.conf.logLevel,
                        {"command": args.command, "containerID": args.container_id,
-                        "ifname": args.ifname})
+                        "ifname": args.ifname, **logs.pod_fields(args.args)})
         from .state import AttachmentStore
 
         self.store = AttachmentStore(self.conf.stateDir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, CniError
 
@@ -47,6 +48,22 @@ def from_args(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | None:
     return None
 
 
+# Kubernetes object names: a namespace is an RFC 1123 label, a pod name a DNS subdomain.
+NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+POD_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def check_pod_names(namespace: str, pod: str) -> None:
+    """The names go into API paths: refuse anything that is not a Kubernetes name."""
+    for key, value, pattern, rule in (
+        ("K8S_POD_NAMESPACE", namespace, NAMESPACE_RE, "an RFC 1123 label (a-z, 0-9, '-', at most 63)"),
+        ("K8S_POD_NAME", pod, POD_NAME_RE, "a DNS subdomain (a-z, 0-9, '-', '.', at most 253)"),
+    ):
+        if not pattern.match(value):
+            raise CniError(INVALID_ENV, f"CNI_ARGS {key}={value[:64]!r} is not a Kubernetes name",
+                           f"{key} must be {rule}; the container runtime sets it from the pod")
+
+
 def from_kubernetes(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | None:
     namespace, pod = cni_args.get("K8S_POD_NAMESPACE"), cni_args.get("K8S_POD_NAME")
     if not namespace or not pod:
@@ -54,6 +71,7 @@ def from_kubernetes(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | N
     if not conf.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
         log.debug("no kubeconfig and not in a pod: the kubernetes VNI source is skipped")
         return None
+    check_pod_names(namespace, pod)
     from . import k8s
 
     try:

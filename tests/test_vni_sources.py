@@ -3,6 +3,7 @@ object read from a real HTTPS API server on 127.0.0.1, and cxi.vnis, first match
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -135,3 +136,22 @@ def test_without_kubeconfig_the_kubernetes_source_is_skipped(cni, sim, netns):
     """A node with no kubeconfig: pods still get cxi.vnis (flannel chain default)."""
     cni("ADD", sim.conf(), netns=netns, cni_args="K8S_POD_NAMESPACE=a;K8S_POD_NAME=b").ok()
     assert service_vnis(sim) == [[100], [100]]
+
+
+def test_log_lines_name_the_pod(cni, sim, netns):
+    args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-b;K8S_POD_NAME=train-0;K8S_POD_UID=1234-abcd"
+    cni("ADD", sim.conf(), netns=netns, cni_args=args).ok()
+    lines = [json.loads(line) for line in sim.log_file.read_text().splitlines()]
+    assert lines and all(line["pod"] == "team-b/train-0" and line["podUID"] == "1234-abcd"
+                         for line in lines)
+
+
+@pytest.mark.parametrize("key,value", [("K8S_POD_NAME", "../../api/v1/secrets"),
+                                       ("K8S_POD_NAMESPACE", "Team_B"),
+                                       ("K8S_POD_NAME", "x" * 254)])
+def test_pod_names_are_checked_before_they_reach_a_url(cni, sim, netns, api, kubeconfig, key, value):
+    names = {"K8S_POD_NAMESPACE": NS, "K8S_POD_NAME": "p", key: value}
+    args = ";".join(f"{k}={v}" for k, v in names.items())
+    err = cni("ADD", kube_conf(sim, kubeconfig), netns=netns, cni_args=args).error(4)
+    assert key in err["msg"] and "not a Kubernetes name" in err["msg"]
+    assert api.requests == [] and sim.services() == [] and sim.records() == []
