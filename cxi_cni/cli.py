@@ -8,7 +8,15 @@ import sys
 import click
 
 from . import __version__
+from .cni.args import CmdArgs
+from .cni.errors import CniError
 from .cni.version import LATEST, SUPPORTED_VERSIONS
+from .cxi.backend import BackendUnavailable, CxiError
+from .demo import run_demo
+from .doctor import run_checks
+from .gc import collect
+from .invocation import Invocation
+from .state import StateError
 
 CONFIG_HELP = "plugin config or .conflist (its cxi entry is used); default: {\"type\":\"cxi\"}"
 
@@ -38,18 +46,14 @@ def load_plugin_conf(path: str | None) -> dict:
     return conf
 
 
-def attachment_for(path: str | None, command: str = "CLI", cni_path: str = ""):
-    """An Attachment (config, backend, records) for admin commands."""
-    from .cni.args import CmdArgs
-    from .cni.errors import CniError
-    from .plugin import Attachment
-
+def invocation_for(path: str | None, command: str = "CLI", cni_path: str = ""):
+    """An Invocation (config, backend, records) for admin commands."""
     conf = load_plugin_conf(path)
     args = CmdArgs(command=command, container_id="", netns="", ifname="",
                    cni_path=[p for p in cni_path.split(":") if p],
                    args={}, conf=conf, cni_version=conf.get("cniVersion", LATEST))
     try:
-        return Attachment(args)
+        return Invocation(args)
     except CniError as exc:
         raise click.ClickException(f"{exc.msg} ({exc.details})") from None
 
@@ -66,15 +70,12 @@ def version():
     click.echo(f"cxi {__version__}, CNI spec versions {', '.join(SUPPORTED_VERSIONS)}")
 
 
-def service_rows(att, include_all: bool) -> list[dict]:
+def service_rows(inv, include_all: bool) -> list[dict]:
     """Services on the configured backend's devices, joined with this plugin's records."""
-    claims = {}
-    for record in att.store.all():
-        for svc in record.get("services", []):
-            claims[(svc["device"], svc["svcId"])] = record
+    claims = {(b.device, b.svc_id): record for record in inv.store.all() for b in record.services}
     rows = []
-    for name in att.backend.device_names():
-        dev = att.backend.open(name)
+    for name in inv.backend.device_names():
+        dev = inv.backend.open(name)
         try:
             services = dev.list_services()
         finally:
@@ -87,9 +88,9 @@ def service_rows(att, include_all: bool) -> list[dict]:
                 "device": name, "svc_id": svc.svc_id, "netns_inode": svc.netns_inode,
                 "vnis": list(svc.desc.vnis), "tcs": sorted(svc.desc.tcs),
                 "enabled": svc.desc.enable,
-                "container_id": record["containerID"] if record else None,
-                "ifname": record["ifname"] if record else None,
-                "netns": record.get("netns") if record else None,
+                "container_id": record.container_id if record else None,
+                "ifname": record.ifname if record else None,
+                "netns": record.netns if record else None,
             })
     return rows
 
@@ -99,8 +100,8 @@ def service_rows(att, include_all: bool) -> list[dict]:
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list")
 @click.option("--all", "include_all", is_flag=True, help="include services not made by cxi")
 def services(config_path, as_json, include_all):
-    att = attachment_for(config_path)
-    rows = guarded(lambda: service_rows(att, include_all))
+    inv = invocation_for(config_path)
+    rows = guarded(lambda: service_rows(inv, include_all))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -113,9 +114,6 @@ def services(config_path, as_json, include_all):
 
 
 def guarded(fn):
-    from .cxi.backend import BackendUnavailable, CxiError
-    from .state import StateError
-
     try:
         return fn()
     except (BackendUnavailable, CxiError, StateError) as exc:
@@ -129,11 +127,9 @@ def guarded(fn):
 @click.option("--cni-path", default="/opt/cni/bin", show_default=True,
               help="where the IPAM plugin lives, to release the leases of removed attachments")
 def gc(config_path, valid, cni_path):
-    from .gc import collect
-
-    att = attachment_for(config_path, "GC", cni_path)
+    inv = invocation_for(config_path, "GC", cni_path)
     keep = {tuple(v.rsplit("/", 1)) for v in valid} if valid else None
-    report = guarded(lambda: collect(att, keep))
+    report = guarded(lambda: collect(inv, keep))
     for key, label in (("removedAttachments", "removed attachment"),
                        ("reapedServices", "destroyed service"), ("failures", "FAILED")):
         for item in report[key]:
@@ -147,8 +143,6 @@ def gc(config_path, valid, cni_path):
 @cli.command(help="Check that this node can serve ADD: backend, devices, state, logging.")
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 def doctor(config_path):
-    from .doctor import run_checks
-
     failed = 0
     for ok, line in run_checks(load_plugin_conf(config_path)):
         click.echo(("ok    " if ok else "FAIL  ") + line)
@@ -161,6 +155,4 @@ def doctor(config_path):
              "master link, then ADD, CHECK and DEL through this binary. Needs root.")
 @click.option("--keep", is_flag=True, help="leave the demo's files in place for a look")
 def demo(keep):
-    from .demo import run_demo
-
     sys.exit(run_demo(keep=keep))

@@ -1,4 +1,5 @@
-"""The plugin's network configuration (NetConf), validated with pydantic into clear CNI errors.
+"""The plugin's network configuration (NetConf): every field declared once (its schema,
+default and how to fix it), validated with pydantic-core into clear CNI errors.
 
 The schema is built with pydantic-core, pydantic's validation engine, directly: declaring
 the same thing as BaseModel classes costs about 60 ms more per process (importing
@@ -7,88 +8,110 @@ new process. Errors keep pydantic's shape (location, message, input)."""
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, make_dataclass
 
 from pydantic_core import SchemaValidator, ValidationError
 from pydantic_core import core_schema as cs
 
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
+from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
 
 MODES = {"ipvlan": ("l2", "l3", "l3s"), "macvlan": ("bridge", "private", "vepa", "passthru")}
 IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 VNI_SOURCES = ("args", "kubernetes", "config")
-
-# Field path prefix -> how to fix it, shown in the error's details.
-FIXES = {
-    "cniVersion": "set cniVersion to one of 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0",
-    "master": "set master to the name of the hsnN netdev the pod's link hangs off",
-    "linkType": 'set linkType to "ipvlan" (default) or "macvlan"',
-    "mode": "ipvlan modes: l2 (default), l3, l3s; macvlan modes: bridge (default), "
-            "private, vepa, passthru",
-    "mtu": "set mtu to an integer 68..65535, or leave it out to inherit the master's",
-    "stateDir": "set stateDir to an absolute path (default /var/lib/cni/cxi)",
-    "logFile": "set logFile to an absolute path (default /var/log/cxi-cni.log)",
-    "logLevel": 'set logLevel to "debug", "info", "warning" or "error"',
-    "ipam": 'set ipam to an object with a "type", e.g. {"type": "host-local", ...}',
-    "cxi.backend": 'set cxi.backend to "libcxi" (real NICs) or "sim" (simulated)',
-    "cxi.devices": 'set cxi.devices to "all", "master" or a list like ["cxi0", "cxi1"]',
-    "cxi.vnis": "cxi.vnis is a list of 1 to 4 integers in 1..65535 (VNI 1 only with "
-                "cxi.allowDefaultVni: true)",
-    "cxi.tcs": "cxi.tcs lists traffic classes among " + ", ".join(TRAFFIC_CLASSES),
-    "cxi.limits": "cxi.limits maps " + ", ".join(RESOURCES) + ' to {"max": N, "res": M} '
-                  "with 0 <= res <= max",
-    "cxi.vniSources": "cxi.vniSources is an ordered list among " + ", ".join(VNI_SOURCES),
-    "cxi.vniPolicy": 'set cxi.vniPolicy to "fallback" (use cxi.vnis) or "required"',
-    "cxi": "see the configuration reference in README.md",
-}
+REQUIRED = object()
+DEFAULT_FIX = "see the configuration reference in README.md"
 
 
-def optional(schema, default=None):
-    return cs.typed_dict_field(cs.with_default_schema(schema, default=default), required=False)
+@dataclass(frozen=True)
+class Field:
+    """One configuration key: the pydantic-core schema of its value, its default (REQUIRED
+    for none) and the fix shown when it is wrong."""
+
+    name: str
+    schema: dict
+    default: object = None
+    fix: str = DEFAULT_FIX
+
+    def typed_dict_field(self) -> dict:
+        if self.default is REQUIRED:
+            return cs.typed_dict_field(self.schema)
+        default = self.default
+        if isinstance(default, list | dict):  # a fresh copy for every configuration, validated
+            inner = cs.with_default_schema(self.schema, default_factory=lambda: copy.deepcopy(default),
+                                           validate_default=True)  # so a default `cxi` gets its own defaults
+        else:
+            inner = cs.with_default_schema(self.schema, default=default)
+        return cs.typed_dict_field(inner, required=False)
 
 
-def nullable(schema):
-    return optional(cs.nullable_schema(schema))
+def nullable(schema: dict) -> dict:
+    return cs.nullable_schema(schema)
+
+
+def strict_dict(fields: tuple[Field, ...], extra: str = "forbid") -> dict:
+    return cs.typed_dict_schema({f.name: f.typed_dict_field() for f in fields}, extra_behavior=extra)
 
 
 U16 = cs.int_schema(ge=0, le=65535)
-LIMIT = cs.typed_dict_schema({"max": cs.typed_dict_field(U16), "res": optional(U16, 0)},
-                             extra_behavior="forbid")
-CXI_SCHEMA = cs.typed_dict_schema({
-    "backend": optional(cs.literal_schema(["libcxi", "sim"]), "libcxi"),
-    "simState": optional(cs.str_schema(), "/var/lib/cni/cxi/sim.json"),
-    "libcxi": optional(cs.str_schema(), "libcxi.so.1"),
-    "devices": optional(cs.union_schema([
+LIMIT_FIELDS = (
+    Field("max", U16, REQUIRED),
+    Field("res", U16, 0),
+)
+CXI_FIELDS = (
+    Field("backend", cs.literal_schema(["libcxi", "sim"]), "libcxi",
+          'set cxi.backend to "libcxi" (real NICs) or "sim" (simulated)'),
+    Field("simState", cs.str_schema(), "/var/lib/cni/cxi/sim.json"),
+    Field("libcxi", cs.str_schema(), "libcxi.so.1"),
+    Field("devices", cs.union_schema([
         cs.literal_schema(["all", "master"]),
-        cs.list_schema(cs.str_schema(pattern=r"^cxi[0-9]{1,4}$"), min_length=1)]), "all"),
-    "vnis": optional(cs.list_schema(cs.int_schema(ge=1, le=65535, strict=True), max_length=4), []),
-    "allowDefaultVni": optional(cs.bool_schema(), False),
-    "vniSources": optional(cs.list_schema(cs.literal_schema(list(VNI_SOURCES))), list(VNI_SOURCES)),
-    "vniPolicy": optional(cs.literal_schema(["fallback", "required"]), "fallback"),
-    "tcs": optional(cs.list_schema(cs.literal_schema(list(TRAFFIC_CLASSES))), []),
-    "limits": optional(cs.dict_schema(cs.literal_schema(list(RESOURCES)), LIMIT), {}),
-}, extra_behavior="forbid")
-NETCONF_SCHEMA = cs.typed_dict_schema({
-    "cniVersion": cs.typed_dict_field(cs.str_schema()),
-    "name": optional(cs.str_schema(), ""),
-    "type": optional(cs.str_schema(), "cxi"),
-    "master": nullable(cs.str_schema()),
-    "linkType": optional(cs.literal_schema(["ipvlan", "macvlan"]), "ipvlan"),
-    "mode": nullable(cs.str_schema()),
-    "mtu": optional(U16, 0),
-    "linkInContainer": optional(cs.bool_schema(), False),
-    "ipam": nullable(cs.dict_schema()),
-    "stateDir": optional(cs.str_schema(), "/var/lib/cni/cxi"),
-    "logFile": optional(cs.str_schema(), "/var/log/cxi-cni.log"),
-    "logLevel": optional(cs.literal_schema(["debug", "info", "warning", "error"]), "info"),
-    "kubeconfig": nullable(cs.str_schema()),
-    "cxi": optional(CXI_SCHEMA, None),
-    "args": nullable(cs.dict_schema()),
-    "runtimeConfig": nullable(cs.dict_schema()),
-}, extra_behavior="ignore")
-VALIDATOR = SchemaValidator(NETCONF_SCHEMA)
+        cs.list_schema(cs.str_schema(pattern=r"^cxi[0-9]{1,4}$"), min_length=1)]), "all",
+        'set cxi.devices to "all", "master" or a list like ["cxi0", "cxi1"]'),
+    Field("vnis", cs.list_schema(cs.int_schema(ge=1, le=65535, strict=True), max_length=4), [],
+          "cxi.vnis is a list of 1 to 4 integers in 1..65535 (VNI 1 only with "
+          "cxi.allowDefaultVni: true)"),
+    Field("allowDefaultVni", cs.bool_schema(), False),
+    Field("vniSources", cs.list_schema(cs.literal_schema(list(VNI_SOURCES))), list(VNI_SOURCES),
+          "cxi.vniSources is an ordered list among " + ", ".join(VNI_SOURCES)),
+    Field("vniPolicy", cs.literal_schema(["fallback", "required"]), "fallback",
+          'set cxi.vniPolicy to "fallback" (use cxi.vnis) or "required"'),
+    Field("tcs", cs.list_schema(cs.literal_schema(list(TRAFFIC_CLASSES))), [],
+          "cxi.tcs lists traffic classes among " + ", ".join(TRAFFIC_CLASSES)),
+    Field("limits", cs.dict_schema(cs.literal_schema(list(RESOURCES)), strict_dict(LIMIT_FIELDS)), {},
+          "cxi.limits maps " + ", ".join(RESOURCES) + ' to {"max": N, "res": M} with 0 <= res <= max'),
+)
+NETCONF_FIELDS = (
+    Field("cniVersion", cs.str_schema(), REQUIRED,
+          "set cniVersion to one of " + ", ".join(SUPPORTED_VERSIONS)),
+    Field("name", cs.str_schema(), ""),
+    Field("type", cs.str_schema(), "cxi"),
+    Field("master", nullable(cs.str_schema()), None,
+          "set master to the name of the hsnN netdev the pod's link hangs off"),
+    Field("linkType", cs.literal_schema(list(MODES)), "ipvlan",
+          'set linkType to "ipvlan" (default) or "macvlan"'),
+    Field("mode", nullable(cs.str_schema()), None,
+          "ipvlan modes: l2 (default), l3, l3s; macvlan modes: bridge (default), private, vepa, passthru"),
+    Field("mtu", U16, 0, "set mtu to an integer 68..65535, or leave it out to inherit the master's"),
+    Field("linkInContainer", cs.bool_schema(), False),
+    Field("ipam", nullable(cs.dict_schema()), None,
+          'set ipam to an object with a "type", e.g. {"type": "host-local", ...}'),
+    Field("stateDir", cs.str_schema(), "/var/lib/cni/cxi",
+          "set stateDir to an absolute path (default /var/lib/cni/cxi)"),
+    Field("logFile", cs.str_schema(), "/var/log/cxi-cni.log",
+          "set logFile to an absolute path (default /var/log/cxi-cni.log)"),
+    Field("logLevel", cs.literal_schema(["debug", "info", "warning", "error"]), "info",
+          'set logLevel to "debug", "info", "warning" or "error"'),
+    Field("kubeconfig", nullable(cs.str_schema()), None),
+    Field("cxi", strict_dict(CXI_FIELDS), {}),
+    Field("args", nullable(cs.dict_schema()), None),
+    Field("runtimeConfig", nullable(cs.dict_schema()), None),
+)
+VALIDATOR = SchemaValidator(strict_dict(NETCONF_FIELDS, extra="ignore"))
+# Dotted field path -> its fix, for the error's details.
+FIXES = {**{f.name: f.fix for f in NETCONF_FIELDS}, **{f"cxi.{f.name}": f.fix for f in CXI_FIELDS}}
 
 
 @dataclass(frozen=True)
@@ -97,81 +120,52 @@ class LimitConf:
     res: int = 0
 
 
-@dataclass
-class CxiConf:
-    """The `cxi` object: which devices, which backend, what each service grants."""
-
-    backend: str = "libcxi"
-    simState: str = "/var/lib/cni/cxi/sim.json"
-    libcxi: str = "libcxi.so.1"
-    devices: str | list[str] = "all"
-    vnis: list[int] = field(default_factory=list)
-    allowDefaultVni: bool = False
-    vniSources: list[str] = field(default_factory=lambda: list(VNI_SOURCES))
-    vniPolicy: str = "fallback"
-    tcs: list[str] = field(default_factory=list)
-    limits: dict[str, LimitConf] = field(default_factory=dict)
-
-
-@dataclass
-class NetConf:
-    """The whole plugin configuration. Unknown top-level keys are ignored, as CNI
-    plugins do (runtimes add their own); unknown keys inside `cxi` are refused."""
-
-    cniVersion: str
-    name: str = ""
-    type: str = "cxi"
-    master: str | None = None
-    linkType: str = "ipvlan"
-    mode: str | None = None
-    mtu: int = 0
-    linkInContainer: bool = False
-    ipam: dict | None = None
-    stateDir: str = "/var/lib/cni/cxi"
-    logFile: str = "/var/log/cxi-cni.log"
-    logLevel: str = "info"
-    kubeconfig: str | None = None
-    cxi: CxiConf = field(default_factory=CxiConf)
-    args: dict | None = None
-    runtimeConfig: dict | None = None
-
+class LinkModes:
     @property
     def link_mode(self) -> str:
         return self.mode or MODES[self.linkType][0]
 
 
-def semantic_problem(conf: NetConf) -> tuple[str, str] | None:
-    """(field path, message) of the first rule the schema cannot say, or None."""
+# The configuration objects: one attribute per declared field, nothing else to keep in step.
+CxiConf = make_dataclass("CxiConf", [f.name for f in CXI_FIELDS])
+NetConf = make_dataclass("NetConf", [f.name for f in NETCONF_FIELDS], bases=(LinkModes,))
+NetConf.__doc__ = ("The whole plugin configuration. Unknown top-level keys are ignored, as CNI "
+                   "plugins do (runtimes add their own); unknown keys inside `cxi` are refused.")
+
+
+def semantic_problem(conf: NetConf) -> tuple[str, str, bool] | None:
+    """(field path, message, whether the message starts with the path) of the first rule
+    the schema cannot say, or None."""
     if conf.master is not None and not IFNAME_RE.match(conf.master):
-        return "master", f"{conf.master!r} is not a valid interface name"
+        return "master", f"{conf.master!r} is not a valid interface name", True
     for key in ("stateDir", "logFile"):
         if not getattr(conf, key).startswith("/"):
-            return key, f"{getattr(conf, key)!r} is not an absolute path"
+            return key, f"{getattr(conf, key)!r} is not an absolute path", True
     if conf.mtu and conf.mtu < 68:
-        return "mtu", "an MTU below 68 cannot carry IPv4"
+        return "mtu", "an MTU below 68 cannot carry IPv4", True
     for name, lim in conf.cxi.limits.items():
         if lim.res > lim.max:
-            return f"cxi.limits.{name}", f"res ({lim.res}) must not exceed max ({lim.max})"
+            return f"cxi.limits.{name}", f"res ({lim.res}) must not exceed max ({lim.max})", True
     if len(set(conf.cxi.vnis)) != len(conf.cxi.vnis):
-        return "cxi.vnis", "VNIs must not repeat"
+        return "cxi.vnis", "VNIs must not repeat", True
     if conf.mode is not None and conf.mode not in MODES[conf.linkType]:
-        return "", (f"mode {conf.mode!r} is not a {conf.linkType} mode "
-                    f"({', '.join(MODES[conf.linkType])})")
+        return "mode", (f"mode {conf.mode!r} is not a {conf.linkType} mode "
+                        f"({', '.join(MODES[conf.linkType])})"), False
     if conf.cxi.devices == "master" and not conf.master:
-        return "", 'cxi.devices is "master" but no master is set'
+        return "cxi.devices", 'cxi.devices is "master" but no master is set', False
     if 1 in conf.cxi.vnis and not conf.cxi.allowDefaultVni:
-        return "", ("cxi.vnis holds VNI 1, the default service's VNI shared by every "
-                    "process; set cxi.allowDefaultVni: true to use it anyway")
+        return "cxi.vnis", ("cxi.vnis holds VNI 1, the default service's VNI shared by every "
+                            "process; set cxi.allowDefaultVni: true to use it anyway"), False
     if conf.master and conf.ipam is None:
-        return "", "master is set but ipam is missing: the link needs addresses"
+        return "ipam", "master is set but ipam is missing: the link needs addresses", False
     if conf.ipam is not None and not isinstance(conf.ipam.get("type"), str):
-        return "", 'ipam has no "type"'
+        return "ipam", 'ipam has no "type"', False
     return None
 
 
 def build_conf(data: dict) -> NetConf:
-    cxi = dict(data.pop("cxi") or {})
-    cxi["limits"] = {name: LimitConf(**lim) for name, lim in (cxi.get("limits") or {}).items()}
+    cxi = data.pop("cxi")
+    cxi["limits"] = {name: LimitConf(**lim) for name, lim in cxi["limits"].items()}
     return NetConf(**data, cxi=CxiConf(**cxi))
 
 
@@ -182,11 +176,12 @@ def field_path(loc) -> str:
     return out
 
 
-def fix_for(path: str, message: str) -> str:
-    for prefix in sorted(FIXES, key=len, reverse=True):
-        if path.startswith(prefix) or (not path and message.startswith(prefix)):
-            return FIXES[prefix]
-    return "see the configuration reference in README.md"
+def fix_for(path: str) -> str:
+    """The fix of the longest declared field that `path` lies in."""
+    for name in sorted(FIXES, key=len, reverse=True):
+        if path == name or path.startswith((name + ".", name + "[")):
+            return FIXES[name]
+    return DEFAULT_FIX
 
 
 def parse_conf(raw: dict) -> NetConf:
@@ -206,11 +201,11 @@ def parse_conf(raw: dict) -> NetConf:
             shown += f" (got {first['input']!r:.80})"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         raise CniError(code, f"invalid network configuration: {shown}{more}",
-                       "fix: " + fix_for(path, message)) from None
+                       "fix: " + fix_for(path)) from None
     problem = semantic_problem(conf)
     if problem:
-        path, message = problem
-        shown = f"{path}: {message}" if path else message
+        path, message, with_path = problem
+        shown = f"{path}: {message}" if with_path else message
         raise CniError(INVALID_CONFIG, f"invalid network configuration: {shown}",
-                       "fix: " + fix_for(path, message))
+                       "fix: " + fix_for(path))
     return conf

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 
+from .cxi.sim import STATE_VERSION, new_device
+
 IPAM_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 
 
@@ -49,8 +51,6 @@ class Demo:
         self.made.append("link")
         for name in (self.master, self.master + "p"):
             ip("link", "set", name, "up")
-        from .cxi.sim import STATE_VERSION, new_device
-
         state = {"version": STATE_VERSION, "devices": {
             "cxi0": new_device(self.master, "0000:41:00.0"),
             "cxi1": new_device("hsn1", "0000:42:00.0")}}

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from .cni.errors import CniError
+from .config import parse_conf
+from .cxi.backend import BackendUnavailable, CxiError
+from .invocation import open_backend
+from .state import AttachmentStore, StateError
+
 
 def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
-    from .cni.errors import CniError
-    from .config import parse_conf
-
     try:
         conf = parse_conf(raw_conf)
     except CniError as exc:
@@ -25,9 +28,6 @@ def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
 
 
 def backend_checks(conf) -> Iterator[tuple[bool, str]]:
-    from .cxi.backend import BackendUnavailable, CxiError
-    from .plugin import open_backend
-
     backend = open_backend(conf)
     try:
         backend.check()
@@ -60,8 +60,6 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
 
 
 def state_checks(conf) -> Iterator[tuple[bool, str]]:
-    from .state import AttachmentStore, StateError
-
     store = AttachmentStore(conf.stateDir)
     try:
         store.ensure()

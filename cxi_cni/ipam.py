@@ -11,9 +11,7 @@ import subprocess
 from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, CniError
 from .cni.version import normalize_result
-
-# The IPAM plugin failed without answering in the spec's error format (crash, garbage).
-IPAM_FAILURE = 105
+from .errors import IPAM_FAILURE
 
 
 def find_plugin(ipam_type: str, cni_path: list[str]) -> str:

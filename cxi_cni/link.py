@@ -4,17 +4,17 @@ rename, address and route it, read it back for CHECK, and delete it."""
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import importlib.util
 import ipaddress
 import os
+import socket
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-CLONE_NEWNET = 0x40000000
+from .netns import Netns
+
 IFF_UP = 0x1
 IFA_F_TENTATIVE = 0x40
 DAD_SETTLE_SECONDS = 5.0
@@ -28,10 +28,6 @@ class LinkError(Exception):
     def __init__(self, message: str, errno: int = 0):
         super().__init__(message)
         self.errno = errno
-
-
-class NetnsGone(Exception):
-    """The pod's network namespace path does not exist or is no longer a namespace."""
 
 
 def rtnl_api():
@@ -61,43 +57,6 @@ def rtnl_api():
     from pyroute2.netlink.exceptions import NetlinkError
 
     return IPRoute, NetlinkError
-
-
-_libc = None
-
-
-def setns(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def entered(netns_fd: int):
-    """Run the block with this thread in the given network namespace, then come back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        setns(netns_fd)
-        try:
-            yield
-        finally:
-            setns(home)
-    finally:
-        os.close(home)
-
-
-def open_netns(path: str) -> int:
-    """An fd of the namespace at `path`; NetnsGone if it is missing or not a namespace."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NetnsGone(f"network namespace {path} does not exist") from None
-    except OSError as exc:
-        raise NetnsGone(f"cannot open network namespace {path}: {exc.strerror}") from None
-    return fd
 
 
 @dataclass
@@ -130,15 +89,15 @@ def link_info(msg) -> LinkInfo:
 
 
 class Rtnl:
-    """One rtnetlink socket bound to a network namespace (the host's when netns_fd is None)."""
+    """One rtnetlink socket bound to a network namespace (the host's when netns is None)."""
 
-    def __init__(self, netns_fd: int | None = None):
+    def __init__(self, netns: Netns | None = None):
         IPRoute, self.NetlinkError = rtnl_api()
-        self.netns_fd = netns_fd
-        if netns_fd is None:
+        self.netns = netns
+        if netns is None:
             self.ipr = IPRoute()
         else:
-            with entered(netns_fd):
+            with netns.entered():
                 self.ipr = IPRoute()
 
     def close(self) -> None:
@@ -160,7 +119,7 @@ class Rtnl:
         try:
             msgs = self.ipr.link("get", ifname=name)
         except self.NetlinkError as exc:
-            if exc.code in (19, 22):  # ENODEV; EINVAL for names the kernel refuses
+            if exc.code in (errno.ENODEV, errno.EINVAL):  # EINVAL: a name the kernel refuses
                 return None
             raise LinkError(f"cannot look up {name}: {os.strerror(exc.code)}", exc.code) from None
         return link_info(msgs[0]) if msgs else None
@@ -169,22 +128,19 @@ class Rtnl:
         return [m.get("IFLA_IFNAME") for m in self.call("cannot list links", self.ipr.link, "dump")]
 
     def create(self, kind: str, mode: str, parent_index: int, mtu: int,
-               into_netns_fd: int | None, name: str | None = None) -> str:
-        """A new link on the parent under a temporary name (`name`, or a random one), made
-        directly in the netns of `into_netns_fd` (or in this socket's netns when None);
-        returns the temporary name."""
-        temp = name or "cxi" + uuid.uuid4().hex[:11]
-        spec = {"ifname": temp, "kind": kind, "link": parent_index}
+               into: Netns | None, name: str) -> None:
+        """A new link on the parent named `name`, made directly in the namespace `into`
+        (or in this socket's namespace when None)."""
+        spec = {"ifname": name, "kind": kind, "link": parent_index}
         if kind == "macvlan":
             spec["macvlan_mode"] = mode
         else:
             spec["ipvlan_mode"] = IPVLAN_MODES[mode]
         if mtu:
             spec["mtu"] = mtu
-        if into_netns_fd is not None:
-            spec["net_ns_fd"] = into_netns_fd
+        if into is not None:
+            spec["net_ns_fd"] = into.fd
         self.call(f"cannot create the {kind} link", self.ipr.link, "add", **spec)
-        return temp
 
     def rename(self, index: int, name: str) -> None:
         self.call(f"cannot rename the link to {name}", self.ipr.link, "set", index=index,
@@ -215,7 +171,7 @@ class Rtnl:
         """Append a route (ECMP-style, as the reference plugins do) through the link."""
         dst = ipaddress.ip_network(route["dst"], strict=False)
         spec = {"dst": str(dst.network_address), "dst_len": dst.prefixlen, "oif": index,
-                "family": 10 if dst.version == 6 else 2}
+                "family": socket.AF_INET6 if dst.version == 6 else socket.AF_INET}
         if gateway:
             spec["gateway"] = gateway
         if isinstance(route.get("priority"), int):
@@ -231,7 +187,7 @@ class Rtnl:
     def routes(self, index: int) -> set:
         """Destinations (ip_network) of the routes through the link, any table."""
         out = set()
-        for family, zero in ((2, "0.0.0.0"), (10, "::")):
+        for family, zero in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             for msg in self.call("cannot list routes", self.ipr.route, "dump", family=family):
                 if msg.get("RTA_OIF") == index:
                     dst = msg.get("RTA_DST") or zero
@@ -247,9 +203,9 @@ class Rtnl:
             time.sleep(0.05)
 
 
-def write_sysctl(netns_fd: int, key: str, value: str, required: bool = False) -> None:
+def write_sysctl(netns: Netns, key: str, value: str, required: bool = False) -> None:
     """Write /proc/sys/<key> as seen from inside the namespace."""
-    with entered(netns_fd):
+    with netns.entered():
         try:
             with open(f"/proc/sys/{key}", "w") as fh:
                 fh.write(value)
@@ -259,8 +215,8 @@ def write_sysctl(netns_fd: int, key: str, value: str, required: bool = False) ->
                                 exc.errno) from None
 
 
-def read_sysctl(netns_fd: int, key: str) -> str | None:
-    with entered(netns_fd):
+def read_sysctl(netns: Netns, key: str) -> str | None:
+    with netns.entered():
         try:
             with open(f"/proc/sys/{key}") as fh:
                 return fh.read().strip()
@@ -271,8 +227,8 @@ def read_sysctl(netns_fd: int, key: str) -> str | None:
 def configure(rtnl: Rtnl, index: int, name: str, ips: list[dict], routes: list[dict]) -> None:
     """Addresses, up, then routes, as the reference plugins' ConfigureIface: a route
     without a gateway goes through the first gateway of its address family."""
-    netns_fd = rtnl.netns_fd
-    write_sysctl(netns_fd, f"net/ipv4/conf/{name}/arp_notify", "1")
+    netns = rtnl.netns
+    write_sysctl(netns, f"net/ipv4/conf/{name}/arp_notify", "1")
     gateways: dict[int, str] = {}
     has_v6 = False
     for ip in ips:
@@ -280,10 +236,10 @@ def configure(rtnl: Rtnl, index: int, name: str, ips: list[dict], routes: list[d
         if version == 6 and not has_v6:
             has_v6 = True
             for dev in ("lo", name):
-                if read_sysctl(netns_fd, f"net/ipv6/conf/{dev}/disable_ipv6") not in (None, "0"):
-                    write_sysctl(netns_fd, f"net/ipv6/conf/{dev}/disable_ipv6", "0", required=True)
-            write_sysctl(netns_fd, f"net/ipv6/conf/{name}/keep_addr_on_down", "1")
-            write_sysctl(netns_fd, f"net/ipv6/conf/{name}/ndisc_notify", "1")
+                if read_sysctl(netns, f"net/ipv6/conf/{dev}/disable_ipv6") not in (None, "0"):
+                    write_sysctl(netns, f"net/ipv6/conf/{dev}/disable_ipv6", "0", required=True)
+            write_sysctl(netns, f"net/ipv6/conf/{name}/keep_addr_on_down", "1")
+            write_sysctl(netns, f"net/ipv6/conf/{name}/ndisc_notify", "1")
         rtnl.add_address(index, ip["address"], name)
         if ip.get("gateway"):
             gateways.setdefault(ipaddress.ip_address(ip["gateway"]).version, ip["gateway"])

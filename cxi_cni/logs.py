@@ -68,3 +68,12 @@ def configure(path: str, level: str, context: dict) -> bool:
 
 def event(logger: logging.Logger, level: int, msg: str, **fields) -> None:
     logger.log(level, msg, extra={"fields": fields})
+
+
+def undo_step(what: str, step, *argv) -> None:
+    """Run one step of undoing a failed ADD; its own failure is logged, not raised, so the
+    error that caused the undo is the one the runtime sees."""
+    try:
+        step(*argv)
+    except Exception as exc:
+        logging.getLogger("cxi_cni.undo").error("undo after a failed ADD could not %s: %s", what, exc)

@@ -1,49 +1,117 @@
-"""Network namespace identity: the nsfs inode of CNI_NETNS, and which inodes are alive."""
+"""Network namespaces: one handle per pod namespace (opened once, checked to be a network
+namespace, identified by its nsfs inode, entered for netlink work), and which namespaces live."""
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+from contextlib import contextmanager
 
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CLONE_NEWNET = 0x40000000
 NETNS_DIRS = ("/run/netns", "/var/run/netns")
+OWN_NETNS = "/proc/self/ns/net"
 
 
-class NetnsError(Exception):
-    """CNI_NETNS is missing (`missing`), or is not a network namespace (`invalid`)."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+class NetnsMissing(Exception):
+    """The namespace path does not exist (the pod is gone)."""
 
 
-def own_netns_inode() -> int:
-    """The namespace this process runs in: on a node, the host's."""
-    return os.stat("/proc/self/ns/net").st_ino
+class NetnsInvalid(Exception):
+    """The path exists but is no network namespace we may use (a file, another namespace
+    type, the host's own network namespace, or unreadable)."""
 
 
-def netns_inode(path: str) -> int:
-    """The inode of a network namespace file, after checking that it is one."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise NetnsError("missing", f"network namespace {path} does not exist") from None
-    except OSError as exc:
-        raise NetnsError("invalid", f"cannot open network namespace {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if st.st_dev != os.stat("/proc/self/ns/net").st_dev:
-            raise NetnsError("invalid", f"{path} is not a namespace file (not on nsfs)")
+_libc = None
+
+
+def setns(fd: int) -> None:
+    """Move this thread into the network namespace of `fd`."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def host_identity() -> tuple[int, int]:
+    """(device, inode) of the namespace this process runs in: on a node, the host's."""
+    st = os.stat(OWN_NETNS)
+    return st.st_dev, st.st_ino
+
+
+class Netns:
+    """A network namespace opened by path, once: every later use (its inode, entering it,
+    creating a link in it) goes through this descriptor, so swapping the path afterwards
+    changes nothing. Open with `Netns.open(path)`; close it (or use it as a context)."""
+
+    def __init__(self, path: str, fd: int, inode: int, is_host: bool):
+        self.path, self.fd, self.inode, self.is_host = path, fd, inode, is_host
+
+    @classmethod
+    def open(cls, path: str) -> Netns:
+        """NetnsMissing if the path does not exist, NetnsInvalid if it is not a network
+        namespace. Opened non-blocking, so a FIFO or device at the path cannot hang us."""
         try:
-            nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except FileNotFoundError:
+            raise NetnsMissing(f"network namespace {path} does not exist") from None
         except OSError as exc:
-            raise NetnsError("invalid", f"{path}: cannot read its namespace type: {exc.strerror}") from None
-        if nstype != CLONE_NEWNET:
-            raise NetnsError("invalid", f"{path} is a namespace but not a network namespace")
-        return st.st_ino
-    finally:
-        os.close(fd)
+            raise NetnsInvalid(f"cannot open network namespace {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            host_dev, host_ino = host_identity()
+            if st.st_dev != host_dev:
+                raise NetnsInvalid(f"{path} is not a namespace file (not on nsfs)")
+            try:
+                nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+            except OSError as exc:
+                raise NetnsInvalid(f"{path}: cannot read its namespace type: {exc.strerror}") from None
+            if nstype != CLONE_NEWNET:
+                raise NetnsInvalid(f"{path} is a namespace but not a network namespace")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, st.st_ino, st.st_ino == host_ino)
+
+    def require_pod(self) -> Netns:
+        """This namespace, unless it is the host's own: nothing of a pod goes there."""
+        if self.is_host:
+            raise NetnsInvalid(f"{self.path} is the host's own network namespace; refusing to "
+                               "use it as a pod's")
+        return self
+
+    @contextmanager
+    def entered(self):
+        """Run the block with this thread inside the namespace, then come back."""
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(self.fd)
+            try:
+                yield self
+            finally:
+                setns(home)
+        finally:
+            os.close(home)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def inode_of(path: str) -> int:
+    """The inode of the network namespace at `path` (NetnsMissing, NetnsInvalid)."""
+    with Netns.open(path) as ns:
+        return ns.inode
 
 
 def live_netns_inodes() -> set[int]:
@@ -58,8 +126,8 @@ def live_netns_inodes() -> set[int]:
                 pass
     for path in nsfs_mount_points() + named_netns_paths():
         try:
-            live.add(netns_inode(path))
-        except NetnsError:
+            live.add(inode_of(path))
+        except (NetnsMissing, NetnsInvalid):
             pass
     return live
 

@@ -11,6 +11,8 @@ import os
 import stat
 import time
 
+from .record import AttachmentRecord
+
 
 class StateError(Exception):
     """The state directory or a record cannot be trusted or used; the message says why."""
@@ -70,9 +72,10 @@ class AttachmentStore:
 
     @contextlib.contextmanager
     def lock(self, container_id: str, ifname: str, timeout: float | None = None):
-        """Exclusive lock of one attachment. The lock file is removed by `remove`, so
-        after taking it we make sure it is still the file at its path. With `timeout`,
-        AttachmentBusy if it cannot be had within that many seconds."""
+        """Exclusive lock of one attachment. Leaving it removes the lock file when the
+        attachment has no record any more (so DEL leaves nothing), which is why after taking
+        it we make sure it is still the file at its path. With `timeout`, AttachmentBusy if
+        it cannot be had within that many seconds."""
         self.ensure()
         path = os.path.join(self.locks, attachment_key(container_id, ifname))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -93,12 +96,18 @@ class AttachmentStore:
         try:
             yield path
         finally:
-            os.close(fd)
+            try:
+                if not os.path.exists(self.path(container_id, ifname)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+            finally:
+                os.close(fd)
 
-    def load(self, container_id: str, ifname: str) -> dict | None:
+    def load(self, container_id: str, ifname: str) -> AttachmentRecord | None:
+        """The attachment's record, None if it has none; StateError if it is damaged."""
         return self._read(self.path(container_id, ifname))
 
-    def _read(self, path: str) -> dict | None:
+    def _read(self, path: str) -> AttachmentRecord | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -108,36 +117,42 @@ class AttachmentStore:
         with os.fdopen(fd, "rb") as fh:
             raw = fh.read()
         try:
-            record = json.loads(raw)
-            if not isinstance(record, dict) or not isinstance(record.get("services"), list):
-                raise ValueError("not an attachment record")
-            for svc in record["services"]:
-                if not (isinstance(svc.get("device"), str) and isinstance(svc.get("svcId"), int)):
-                    raise ValueError("a service entry lacks device or svcId")
-        except (ValueError, AttributeError) as exc:
+            return AttachmentRecord.from_json(json.loads(raw))
+        except (ValueError, RecursionError) as exc:  # RecordDamaged is a ValueError
             raise StateError(f"state record {path} is damaged: {exc}") from None
-        return record
 
-    def save(self, record: dict) -> None:
-        path = self.path(record["containerID"], record["ifname"])
+    def save(self, record: AttachmentRecord) -> None:
+        """Write the record atomically (a temporary file renamed over it); StateError when
+        the state directory refuses, leaving no temporary file behind."""
+        path = self.path(record.container_id, record.ifname)
         tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, separators=(",", ":"))
-        os.replace(tmp, path)
+        data = json.dumps(record.to_json(), separators=(",", ":")).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StateError(f"cannot write state record {path}: {exc.strerror}") from None
 
     def remove(self, container_id: str, ifname: str) -> None:
-        key = attachment_key(container_id, ifname)
-        for path in (os.path.join(self.directory, key + ".json"), os.path.join(self.locks, key)):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        """Remove the record (its lock file goes when the lock is left)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path(container_id, ifname))
 
-    def claimed(self, records: list[dict] | None = None) -> set[tuple[str, int]]:
+    def claimed(self, records: list[AttachmentRecord] | None = None) -> set[tuple[str, int]]:
         """(device, svc_id) of every service some record claims."""
-        return {(s["device"], s["svcId"]) for r in (self.all() if records is None else records)
-                for s in r["services"]}
+        return {(b.device, b.svc_id) for r in (self.all() if records is None else records)
+                for b in r.services}
 
-    def all(self) -> list[dict]:
+    def all(self) -> list[AttachmentRecord]:
         """Every readable record; damaged ones are skipped (they are reported on use)."""
         try:
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))

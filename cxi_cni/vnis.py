@@ -7,11 +7,11 @@ import logging
 import os
 import re
 
+from . import k8s
 from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, CniError
+from .errors import KUBE_FAILURE
 
 log = logging.getLogger("cxi_cni.vnis")
-
-KUBE_FAILURE = 104
 
 
 def check_vnis(vnis: list[int], origin: str, allow_default: bool) -> tuple[int, ...]:
@@ -72,8 +72,6 @@ def from_kubernetes(conf, cni_args: dict[str, str]) -> tuple[list[int], str] | N
         log.debug("no kubeconfig and not in a pod: the kubernetes VNI source is skipped")
         return None
     check_pod_names(namespace, pod)
-    from . import k8s
-
     try:
         vnis = k8s.pod_vnis(conf.kubeconfig, namespace, pod)
     except k8s.KubeUnavailable as exc:

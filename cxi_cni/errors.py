@@ -1,0 +1,78 @@
+"""The plugin's own CNI error codes (the spec leaves 100 and up to plugins) and the one
+place where failures of the layers below (records, backend, driver, namespace, link) become
+CNI errors with a message and a fix."""
+
+from __future__ import annotations
+
+import errno
+import functools
+
+from .cni.errors import (
+    INVALID_CONFIG,
+    NOT_AVAILABLE,
+    TRY_AGAIN_LATER,
+    UNKNOWN_CONTAINER,
+    CniError,
+)
+from .cxi.backend import BackendUnavailable, CxiError
+from .link import LinkError
+from .netns import NetnsInvalid, NetnsMissing
+from .state import StateError
+
+CXI_FAILURE = 100  # a CXI driver call failed, or CHECK found a difference
+BACKEND_UNAVAILABLE = 101  # library, symbol or devices missing
+STATE_FAILURE = 102  # state directory or record unusable
+LINK_FAILURE = 103  # netlink refused the pod's link
+KUBE_FAILURE = 104  # the Kubernetes lookup failed for good
+IPAM_FAILURE = 105  # the IPAM plugin failed without a CNI error of its own
+
+ERRNO_FIXES = {
+    errno.ENOSPC: "the device has too few free resources: lower cxi.limits or free services",
+    errno.EINVAL: "check cxi.vnis, cxi.tcs and cxi.limits against the device (cxi doctor)",
+    errno.EBUSY: "a process in the pod still holds the NIC; the runtime will retry",
+    errno.EPERM: "the device is a VF: bind services on the physical function",
+    errno.EEXIST: "the service already has a UID/GID member",
+    errno.ENODEV: "the CXI device is gone (cxi doctor lists the present ones)",
+}
+NETNS_FIX = ("pass the path of the container's network namespace, such as /run/netns/NAME "
+             "or /proc/PID/ns/net")
+
+
+def cxi_error(exc: CxiError) -> CniError:
+    code = TRY_AGAIN_LATER if exc.errno == errno.EBUSY else CXI_FAILURE
+    return CniError(code, str(exc), ERRNO_FIXES.get(exc.errno, "run `cxi doctor` on the node"))
+
+
+def netns_error(exc: NetnsMissing | NetnsInvalid) -> CniError:
+    code = UNKNOWN_CONTAINER if isinstance(exc, NetnsMissing) else INVALID_CONFIG
+    return CniError(code, f"CNI_NETNS: {exc}", NETNS_FIX)
+
+
+def cni_error(exc: Exception, command: str) -> CniError | None:
+    """The CNI error for a failure of a layer below the plugin, or None if it is not one."""
+    if isinstance(exc, StateError):
+        return CniError(STATE_FAILURE, str(exc), "fix or remove the file named")
+    if isinstance(exc, BackendUnavailable):
+        code = NOT_AVAILABLE if command == "STATUS" else BACKEND_UNAVAILABLE
+        return CniError(code, str(exc), "run `cxi doctor` on the node")
+    if isinstance(exc, CxiError):
+        return cxi_error(exc)
+    if isinstance(exc, (NetnsMissing, NetnsInvalid)):
+        return netns_error(exc)
+    if isinstance(exc, LinkError):
+        return CniError(LINK_FAILURE, str(exc), "check the master's state with ip -d link show")
+    return None
+
+
+def mapped(command_method):
+    """Decorate a plugin command: failures of the layers below leave it as CNI errors."""
+
+    @functools.wraps(command_method)
+    def wrapper(self, args):
+        try:
+            return command_method(self, args)
+        except (StateError, BackendUnavailable, CxiError, NetnsMissing, NetnsInvalid,
+                LinkError) as exc:
+            raise cni_error(exc, args.command) from None
+
+    return wrapper
