@@ -54,12 +54,9 @@ def test_device_selection_by_list_and_by_master(cni, sim, netns, make_veth):
     conf = sim.conf(cxi={"devices": "master"}, master=master, linkType="macvlan",
                     ipam={"type": "host-local", "subnet": "10.77.0.0/24",
                           "dataDir": str(sim.root / "ipam")})
-    run = cni("ADD", conf, netns=netns)
-    if run.rc == 0:
-        assert [s.device for s in sim.services()] == ["cxi1"]
-        cni("DEL", conf, netns=netns).ok()
-    else:  # the link layer is reported, but the device choice must still be right
-        pytest.fail(f"ADD with devices=master failed: {run.stdout}")
+    cni("ADD", conf, netns=netns).ok()
+    assert [s.device for s in sim.services()] == ["cxi1"]
+    cni("DEL", conf, netns=netns).ok()
     assert sim.services() == [] and sim.records() == []
 
 

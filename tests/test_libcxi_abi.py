@@ -13,7 +13,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -544,20 +543,23 @@ def test_open_uses_the_sysfs_number_as_dev_id(backend, state):
     assert [fields[:2] for fields in standin.state_lines(state) if fields[0] == "dev"] == [["dev", "1"]]
 
 
+# What the backend must not bring in: each costs milliseconds on every CNI call.
+HEAVY = ("pyroute2", "pydantic_core", "ssl", "http.client", "yaml", "asyncio", "subprocess",
+         "socket", "logging")
+
+
 def test_import_is_light():
-    """Importing the backend must not load libcxi or anything beyond ctypes."""
+    """Importing the backend maps no libcxi and loads none of the heavy modules."""
     code = (
-        "import sys, time; t = time.perf_counter(); import cxi_cni.cxi.libcxi; "
-        "print(time.perf_counter() - t); "
+        "import sys; import cxi_cni.cxi.libcxi; "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules)); "
         "print(any('libcxi' in line for line in open('/proc/self/maps')))"
     )
-    started = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        [sys.executable, "-I", "-c", code],
+        cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.split()
-    assert time.perf_counter() - started < 10
-    assert float(out[0]) < 0.5 and out[1] == "False"
+    ).stdout.splitlines()
+    assert out == ["[]", "False"], out

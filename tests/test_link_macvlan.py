@@ -404,3 +404,42 @@ def test_add_again_replaces_the_link_lease_and_services(cni, sim, tmp_path, netn
     cni("CHECK", with_prev(conf, result), netns=netns, cni_path=CNI_PATH).ok()
     cni("DEL", with_prev(conf, result), netns=netns, cni_path=CNI_PATH).ok()
     assert_nothing_left(sim, tmp_path, netns)
+
+
+def test_del_after_the_nad_lost_its_master_still_removes_link_and_lease(cni, sim, tmp_path, netns,
+                                                                       make_veth):
+    """The NAD was edited between ADD and DEL (master dropped: now a chained entry): DEL
+    removes what ADD recorded, with the IPAM configuration ADD used."""
+    master = make_veth()
+    cni("ADD", macvlan_conf(sim, tmp_path, master), netns=netns, cni_path=CNI_PATH).ok()
+    assert link_in(netns, "eth0") is not None and len(leases(tmp_path)) == 1
+    cni("DEL", sim.conf(), netns=netns, cni_path=CNI_PATH).ok()
+    assert_nothing_left(sim, tmp_path, netns)
+
+
+def test_del_after_the_nad_gained_a_master_leaves_links_it_never_made(cni, sim, tmp_path, netns,
+                                                                      make_veth):
+    """A chained attachment (no link of ours) whose configuration now names a master: DEL
+    must not delete the pod's interface of that name, which another plugin made."""
+    master = make_veth()
+    other = make_veth()
+    sh("ip", "link", "add", "eth0", "link", other, "netns", ns_name(netns), "type", "macvlan")
+    cni("ADD", sim.conf(), netns=netns, cni_path=CNI_PATH).ok()
+    cni("DEL", macvlan_conf(sim, tmp_path, master), netns=netns, cni_path=CNI_PATH).ok()
+    assert link_in(netns, "eth0") is not None, "DEL removed a link another plugin made"
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_del_leaves_the_link_when_cni_netns_now_holds_another_namespace(cni, sim, tmp_path,
+                                                                       make_netns, make_veth):
+    """The recorded inode decides: a path that names another namespace by DEL time is not
+    entered, and that namespace's link of the same name stays."""
+    master = make_veth()
+    first, second = make_netns(), make_netns()
+    conf = macvlan_conf(sim, tmp_path, master)
+    cni("ADD", conf, netns=first, cni_path=CNI_PATH).ok()
+    cni("ADD", conf, netns=second, container_id="ctr2", cni_path=CNI_PATH).ok()
+    cni("DEL", conf, netns=second, cni_path=CNI_PATH).ok()  # ctr1's DEL, with ctr2's path
+    assert link_in(second, "eth0") is not None, "DEL entered a namespace it did not make a link in"
+    assert [r["containerID"] for r in sim.records()] == ["ctr2"]
+    cni("DEL", conf, netns=second, container_id="ctr2", cni_path=CNI_PATH).ok()

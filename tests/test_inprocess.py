@@ -1,0 +1,130 @@
+"""The dispatcher and the plugin's commands run in-process (skel.dispatch with env, stdin and
+stdout as parameters), beside the binary tests: real namespaces and links, the sim backend."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+
+import pytest
+
+from cxi_cni.cni import skel
+from cxi_cni.cni.args import CmdArgs
+from cxi_cni.gc import collect
+from cxi_cni.invocation import Invocation
+from cxi_cni.plugin import CxiPlugin
+from cxi_cni.vnis import resolve
+
+
+def dispatch(command: str, conf, netns: str | None = None, container_id: str = "ctr1",
+             ifname: str = "eth0", cni_args: str = "", plugin_factory=CxiPlugin):
+    """One command through skel.dispatch; (exit code, parsed stdout, what on_finish saw)."""
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_IFNAME": ifname,
+           "CNI_PATH": "/usr/lib/cni", "CNI_ARGS": cni_args}
+    if netns:
+        env["CNI_NETNS"] = netns
+    stdin = io.BytesIO(conf if isinstance(conf, bytes) else json.dumps(conf).encode())
+    stdout, finished = io.StringIO(), []
+    rc = skel.dispatch(plugin_factory, env, stdin, stdout,
+                       on_finish=lambda *seen: finished.append(seen))
+    text = stdout.getvalue().strip()
+    return rc, (json.loads(text) if text else None), finished[0]
+
+
+def cmd_args(conf: dict, command: str = "CLI", **kw) -> CmdArgs:
+    return CmdArgs(command=command, container_id=kw.get("container_id", ""), netns="", ifname="",
+                   cni_path=[], args=kw.get("args", {}), conf=conf, cni_version=conf["cniVersion"])
+
+
+def test_version_does_not_load_the_plugin():
+    def refuse():
+        raise AssertionError("VERSION loaded the plugin")
+
+    rc, out, seen = dispatch("VERSION", {"cniVersion": "0.4.0"}, plugin_factory=refuse)
+    assert rc == 0 and out["cniVersion"] == "0.4.0" and "1.1.0" in out["supportedVersions"]
+    assert seen[0] == "VERSION" and seen[2] is None
+
+
+def test_add_check_del_in_process(sim, netns):
+    conf = sim.conf(cxi={"vnis": [321]})
+    rc, result, seen = dispatch("ADD", conf, netns)
+    assert rc == 0, result
+    assert result["cxi"]["vnis"] == [321] and len(result["cxi"]["services"]) == 2
+    assert {s.netns_inode for s in sim.services()} == {os.stat(netns).st_ino}
+    assert seen[1].container_id == "ctr1" and seen[2] is None
+    assert dispatch("CHECK", {**conf, "prevResult": result}, netns)[0] == 0
+    assert dispatch("DEL", conf, netns)[0] == 0
+    assert sim.services() == [] and sim.records() == []
+
+
+@pytest.mark.parametrize(("case", "code", "needle"), [
+    ("netns missing", 3, "CNI_NETNS"),
+    ("netns a regular file", 7, "CNI_NETNS"),
+    ("host netns", 7, "host's own"),
+    ("bad field", 7, "cxi.tcs"),
+    ("unknown cxi key", 2, "cxi.zz"),
+    ("state dir symlink", 102, "symlink"),
+    ("sim state damaged", 101, "damaged"),
+])
+def test_domain_failures_become_cni_errors(sim, netns, tmp_path, case, code, needle):
+    conf, path = sim.conf(), netns
+    if case == "netns missing":
+        path = str(tmp_path / "gone")
+    elif case == "netns a regular file":
+        path = str(tmp_path / "file")
+        (tmp_path / "file").write_text("x")
+    elif case == "host netns":
+        path = "/proc/self/ns/net"
+    elif case == "bad field":
+        conf["cxi"]["tcs"] = ["fast"]
+    elif case == "unknown cxi key":
+        conf["cxi"]["zz"] = 1
+    elif case == "state dir symlink":
+        (tmp_path / "real").mkdir(mode=0o700)
+        os.symlink(tmp_path / "real", sim.state_dir)
+    elif case == "sim state damaged":
+        sim.sim_state.write_text("{")
+    rc, err, seen = dispatch("ADD", conf, path)
+    assert rc == 1 and err["code"] == code and needle in err["msg"], err
+    assert seen[2] is not None and getattr(seen[2], "code", None) == code
+    if case != "sim state damaged":
+        assert sim.services() == []
+    assert not sim.state_dir.is_dir() or sim.records() == []
+
+
+def test_status_reports_an_unusable_backend_as_not_available(sim):
+    sim.sim_state.write_text("{")
+    rc, err, _ = dispatch("STATUS", sim.conf("1.1.0"))
+    assert rc == 1 and err["code"] == 50 and "damaged" in err["msg"]
+
+
+def test_an_unexpected_exception_is_internal_error_json(sim, netns):
+    class Broken(CxiPlugin):
+        def add(self, args):
+            raise RuntimeError("boom")
+
+    rc, err, seen = dispatch("ADD", sim.conf(), netns, plugin_factory=Broken)
+    assert rc == 1 and err["code"] == 999 and "RuntimeError: boom" in err["msg"]
+    assert isinstance(seen[2], RuntimeError)
+
+
+def test_gc_collects_dead_attachments_in_process(sim, make_netns):
+    live, dead = make_netns(), make_netns()
+    assert dispatch("ADD", sim.conf(), live, container_id="live")[0] == 0
+    assert dispatch("ADD", sim.conf(), dead, container_id="dead")[0] == 0
+    subprocess.run(["ip", "netns", "del", os.path.basename(dead)], check=True)
+    with Invocation(cmd_args(sim.conf("1.1.0"), "GC")) as inv:
+        report = collect(inv, None)
+    assert report["removedAttachments"] == ["dead/eth0"] and report["failures"] == []
+    assert [r["containerID"] for r in sim.records()] == ["live"]
+    assert {s.netns_inode for s in sim.services()} == {os.stat(live).st_ino}
+
+
+def test_vni_sources_in_process(sim):
+    conf = Invocation(cmd_args(sim.conf(cxi={"vnis": [700]}))).conf
+    assert resolve(conf, {}) == (700,)
+    assert resolve(conf, {"VNI": "801,802"}) == (801, 802)
+    conf.cxi.vniSources = ["config"]
+    assert resolve(conf, {"VNI": "801"}) == (700,)
