@@ -27,6 +27,7 @@ SHIM_SOCKETS = Path("/run/containerd/s")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NAMESPACE = "k8s.io"
 START_TIMEOUT = 60
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; containerd adds ".ttrpc" for its second socket
 
 
 def require_tools() -> None:
@@ -86,6 +87,8 @@ class Containerd:
         self.root = root
         self.run_id = uuid.uuid4().hex[:10]
         self.socket = root / "containerd.sock"
+        if len(str(self.socket)) > SOCKET_PATH_MAX:
+            raise RuntimeError(f"{self.socket} is too long for a unix socket: use a shorter temporary folder")
         self.conf_dir, self.bin_dir = root / "net.d", root / "cni-bin"
         self.pod_logs = root / "pods"
         for folder in (self.conf_dir, self.bin_dir, self.pod_logs):
