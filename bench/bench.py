@@ -275,7 +275,11 @@ def main() -> int:
         *many, "",
         *[f"- {n}" for n in bench.notes if not n.startswith("|")], ""])
     print(report)
-    Path(opts.out).write_text(report)
+    out = Path(opts.out)
+    # Sections (## headings) of the old file are kept: notes written by hand, and what
+    # other benchmarks (cri_bench.py) wrote there.
+    kept = out.read_text().partition("\n## ") if out.exists() else ("", "", "")
+    out.write_text(report + (f"\n## {kept[2]}" if kept[1] else ""))
     leaked = any(int(x) for n in many for x in n.strip("|").split("|")[4:])
     return 1 if leaked else 0
 
