@@ -9,10 +9,11 @@ if [ "$(id -u)" != 0 ]; then echo "tests/run.sh: run as root (the tests make net
 # IPAM, macvlan for side-by-side runs), gcc for the libcxi stand-in, binutils for the
 # portability checks, openssl for the test API server's certificates, qemu and busybox for
 # the VM that runs real ipvlan, podman for the runtime tests (tests/podman/setup.sh
-# configures it). One apt-get update, then one install of whatever is missing.
+# configures it), strace to show the launcher's fast path runs nothing else. One apt-get
+# update, then one install of whatever is missing.
 packages=(iproute2 iputils-ping containernetworking-plugins gcc libc6-dev binutils openssl
   python3.11-venv patchelf qemu-system-x86 busybox-static cpio kmod
-  podman runc catatonit iptables)
+  podman runc catatonit iptables strace)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
