@@ -29,7 +29,24 @@ def log_finish(command: str, args, failure, duration: float) -> None:
                extra={"fields": fields}, exc_info=exc_info)
 
 
+def restore_caller() -> None:
+    """dist/cxi's launcher starts the program inside its own folder (its glibc loader is named
+    relative to it) and says where the caller was and which file it ran: go back there, so
+    relative paths mean what the caller meant, and run that file when running this program
+    again (`cxi demo`). Child processes see neither variable."""
+    cwd = os.environ.pop("CXI_CNI_CWD", None)
+    launcher = os.environ.pop("CXI_CNI_LAUNCHER", None)
+    if cwd is not None:
+        try:
+            os.chdir(cwd)
+        except OSError:  # the caller's folder is gone: anywhere but the program's own folder
+            os.chdir("/")
+    if launcher:
+        sys.executable = launcher
+
+
 def main() -> int:
+    restore_caller()
     if "CNI_COMMAND" in os.environ:
         from .cni.skel import dispatch
 

@@ -43,8 +43,9 @@ def run_cni(binary: str, command: str, conf=None, *, container_id: str | None = 
             netns: str | None = None, ifname: str | None = "eth0",
             cni_path: str | None = DEFAULT_CNI_PATH, cni_args: str | None = None,
             env: dict | None = None, stdin_bytes: bytes | None = None,
-            stdin=None, timeout: float = 60) -> CniRun:
-    """One plugin invocation with a clean environment holding only CNI_* (and PATH)."""
+            stdin=None, timeout: float = 60, prefix: tuple[str, ...] = ()) -> CniRun:
+    """One plugin invocation with a clean environment holding only CNI_* (and PATH);
+    `prefix` is a command that runs the binary (such as nsenter into a mount namespace)."""
     full_env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_COMMAND": command}
     for key, value in (("CNI_CONTAINERID", container_id), ("CNI_NETNS", netns),
                        ("CNI_IFNAME", ifname), ("CNI_PATH", cni_path), ("CNI_ARGS", cni_args)):
@@ -54,7 +55,7 @@ def run_cni(binary: str, command: str, conf=None, *, container_id: str | None = 
     if stdin_bytes is None and stdin is None:
         stdin_bytes = (conf if isinstance(conf, bytes) else
                        (conf if isinstance(conf, str) else json.dumps(conf or {})).encode())
-    proc = subprocess.run([binary], input=stdin_bytes, stdin=stdin, capture_output=True,
+    proc = subprocess.run([*prefix, binary], input=stdin_bytes, stdin=stdin, capture_output=True,
                           env=full_env, timeout=timeout)
     return CniRun(proc.returncode, proc.stdout.decode(errors="replace"),
                   proc.stderr.decode(errors="replace"))

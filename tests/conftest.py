@@ -226,6 +226,7 @@ def cni(cxi_bin, request):
 
     def call(command, conf=None, env=None, **kw):
         return run_cni(cxi_bin, command, conf, env={**(setup.env if setup else {}), **(env or {})}, **kw)
+    call.binary = cxi_bin
     return call
 
 

@@ -63,11 +63,12 @@ def ip_links(netns: str | None = None) -> list[dict]:
 
 
 def leaks(setup, spaces=(), ipam_dir: Path | None = None, master: str | None = None,
-          unpack_dir: Path | None = None) -> list[str]:
+          unpack_dir: Path | None = None, binary: str | None = None) -> list[str]:
     """Everything an attachment may leave behind, as readable lines (empty: nothing):
     CXI services but the default one, records or stray files in the state directory, links
     in the given namespaces and temporary or master-hung links in the host's, IPAM leases,
-    and files the frozen binary unpacked into `unpack_dir` (its TMPDIR)."""
+    files the frozen binary unpacked into `unpack_dir` (its TMPDIR), and half-unpacked
+    folders its launcher left beside `binary` (.cxi-<id>.tmp.*)."""
     found = [f"service {s.device}/{s.svc_id} bound to netns inode {s.netns_inode} "
              f"(VNIs {list(s.desc.vnis)})" for s in setup.services()]
     if setup.state_dir.exists():
@@ -87,6 +88,8 @@ def leaks(setup, spaces=(), ipam_dir: Path | None = None, master: str | None = N
                   if p.is_file() and p.name != "lock" and not p.name.startswith("last_reserved_ip")]
     if unpack_dir is not None and unpack_dir.exists():
         found += [f"unpacked file {p.name} in TMPDIR" for p in unpack_dir.iterdir()]
+    if binary is not None:
+        found += [f"half-unpacked folder {p}" for p in Path(binary).parent.glob(".cxi-*.tmp.*")]
     return found
 
 

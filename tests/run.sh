@@ -10,11 +10,11 @@ if [ "$(id -u)" != 0 ]; then echo "tests/run.sh: run as root (the tests make net
 # portability checks, openssl for the test API server's certificates, qemu and busybox for
 # the VM that runs real ipvlan, podman for the runtime tests (tests/podman/setup.sh
 # configures it), buildah for the DaemonSet's image, containerd for the CRI tier, Go and
-# Debian's libcni sources for the libcni tier's driver. One apt-get update, then one install
-# of whatever is missing.
+# Debian's libcni sources for the libcni tier's driver, strace to show the launcher's fast
+# path runs nothing else. One apt-get update, then one install of whatever is missing.
 packages=(iproute2 iputils-ping containernetworking-plugins gcc libc6-dev binutils openssl
   python3.11-venv patchelf qemu-system-x86 busybox-static cpio kmod
-  podman runc catatonit iptables buildah containerd golang-go golang-github-appc-cni-dev)
+  podman runc catatonit iptables buildah containerd golang-go golang-github-appc-cni-dev strace)
 missing=()
 for p in "${packages[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

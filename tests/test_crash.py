@@ -80,7 +80,7 @@ def kill_add_then_clean(cni, setup, netns: str, conf: dict, gc_conf: dict, step:
         cni("DEL", conf, netns=netns, cni_path=CNI_PATH, env=env).ok()  # and again
     else:
         cni("GC", gc_conf, container_id=None, ifname=None, cni_path=CNI_PATH, env=env).ok()
-    left = reliability.leaks(setup, [netns], ipam_dir, master, unpack)
+    left = reliability.leaks(setup, [netns], ipam_dir, master, unpack, binary=cni.binary)
     reliability.record("crash", cases=1, kills=1, leaks=len(left), step=step, cleanup=cleanup,
                        backend=setup.kind, master=bool(master))
     assert left == [], f"after a kill at {step} and {cleanup}: {left}"

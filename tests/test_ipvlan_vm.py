@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -211,7 +212,8 @@ def guest(cxi_bin) -> GuestRun:
     reason = vmtier.ensure_tools("containernetworking-plugins")
     if reason:
         pytest.skip(reason)
-    payload = {f"{GUEST_CNI_PATH}/cxi": cxi_bin}
+    # dist/cxi's first run unpacks it under util-linux's flock, which busybox-static lacks.
+    payload = {f"{GUEST_CNI_PATH}/cxi": cxi_bin, "/usr/bin/flock": shutil.which("flock")}
     payload |= {f"{GUEST_CNI_PATH}/{name}": GO_PLUGINS / name for name in ("host-local", "ipvlan")}
     configs = {f"/etc/cni/{who}_{mode}.json": json.dumps(net_conf(who, mode)) for who in PLUGINS for mode in MODES}
     configs["/etc/cni/cxi_missing_master.json"] = json.dumps(

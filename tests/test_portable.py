@@ -12,29 +12,20 @@ from pathlib import Path
 
 import pytest
 from conftest import sh
+from shipped import Launched
 
 GLIBC_SONAMES = {"ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libpthread.so.0",
                  "libdl.so.2", "librt.so.1", "libutil.so.1", "libresolv.so.2"}
-# Tools the launcher runs on the host to unpack itself the first time.
-LAUNCHER_TOOLS = ("sh", "tail", "tar", "gzip", "mkdir", "mktemp", "mv", "rm")
 
 
-class Shipped:
-    """dist/cxi taken apart: its launcher text, unpack folder and the program tree."""
+class Shipped(Launched):
+    """dist/cxi with its program tree unpacked into a test folder."""
 
     def __init__(self, binary: Path, out: Path):
-        data = binary.read_bytes()
-        head = data[:4096].decode("latin-1")
-        offset = re.search(r"tail -c \+(\d+) ", head)
-        home = re.search(r"^d=(\S+)$", head, re.M)
-        assert data.startswith(b"#!/bin/sh\n") and offset and home, "dist/cxi is not the launcher"
-        self.launcher = data[: int(offset.group(1)) - 1].decode()
-        self.home = home.group(1)
-        payload = out / "payload.tar.gz"
-        payload.write_bytes(data[int(offset.group(1)) - 1:])
+        super().__init__(binary)
         self.tree = out / "tree"
         self.tree.mkdir()
-        sh("tar", "-xzf", str(payload), "-C", str(self.tree))
+        sh("tar", "-xzf", str(self.write_payload(out / "payload.tar.gz")), "-C", str(self.tree))
 
     def elves(self) -> list[Path]:
         found = []
@@ -109,13 +100,16 @@ def test_every_elf_is_served_by_the_bundled_glibc(shipped):
 
 
 def test_the_program_starts_on_the_bundled_loader(shipped):
+    """The unpack folder is only known at run time: the program names its loader relative to
+    its folder, and the launcher starts it from there."""
     program = shipped.tree / "cxi"
     _, runpath, interp = dynamic(program)
-    assert interp == f"{shipped.home}/_internal/ld-linux-x86-64.so.2"
-    assert runpath == f"{shipped.home}/_internal"
-    assert 'exec "$d/cxi" "$@"' in shipped.launcher
-    used = set(re.findall(r"\b(" + "|".join(LAUNCHER_TOOLS) + r")\b", shipped.launcher))
-    assert used <= set(LAUNCHER_TOOLS)
+    assert interp == "_internal/ld-linux-x86-64.so.2"
+    assert runpath == "$ORIGIN/_internal"
+    assert (shipped.tree / ".cxi-id").read_text().strip() == shipped.content_id
+    assert not (shipped.tree / ".complete").exists(), "only the launcher marks a copy complete"
+    assert shipped.launcher.rstrip().endswith('exec ./cxi "$@"')
+    assert 'cd "$d"' in shipped.launcher
 
 
 def test_without_the_bundle_the_floor_would_be_the_build_hosts_glibc(shipped):
@@ -127,29 +121,43 @@ def test_without_the_bundle_the_floor_would_be_the_build_hosts_glibc(shipped):
 
 @pytest.fixture
 def libc_free_root(tmp_path, cxi_bin) -> Path:
-    """A root with only a static busybox (for the launcher's sh, tar, ...) and the binary:
-    no libc, no loader, nothing of the host's userland."""
+    """A root with only a static busybox (for the launcher's sh, tar, ...), util-linux's flock
+    (busybox-static has none) and the binary: no libc where any loader looks, nothing else of
+    the host's userland. flock brings the host's loader and libc in /hostflock, which only its
+    wrapper names: no program finds libraries there (no RUNPATH, no ld.so.cache names it)."""
     busybox = Path("/bin/busybox")
     if not busybox.exists() or dynamic(busybox)[2] is not None:
         pytest.fail("needs busybox-static (a busybox with no program interpreter)")
     root = tmp_path / "root"
-    for sub in ("bin", "run", "proc", "tmp", "data"):
+    for sub in ("bin", "dev", "run", "proc", "tmp", "data", "hostflock"):
         (root / sub).mkdir(parents=True)
     shutil.copy2(busybox, root / "bin" / "busybox")
-    for tool in LAUNCHER_TOOLS + ("cat",):
-        (root / "bin" / tool).symlink_to("busybox")
+    tools = Launched(Path(cxi_bin)).tools
+    for tool in ["sh", *tools]:
+        if tool != "flock":
+            (root / "bin" / tool).symlink_to("busybox")
+    flock = Path(shutil.which("flock") or pytest.fail("needs flock (util-linux)"))
+    libs = re.findall(r"(/\S+\.so[.\d]*) \(0x", sh("ldd", str(flock)).stdout)
+    for path in [flock, *map(Path, libs)]:
+        shutil.copy2(path.resolve(), root / "hostflock" / path.name)
+    (root / "bin" / "flock").write_text(
+        "#!/bin/sh\nexec /hostflock/ld-linux-x86-64.so.2 --library-path /hostflock /hostflock/flock \"$@\"\n")
+    (root / "bin" / "flock").chmod(0o755)
     shutil.copy2(cxi_bin, root / "cxi")
-    libc_like = [p for p in root.rglob("*") if p.name.startswith(("libc.", "ld-linux"))]
+    libc_like = [p for p in root.rglob("*") if p.name.startswith(("libc.", "ld-linux"))
+                 and p.parent != root / "hostflock"]
     assert libc_like == []
     return root
 
 
 def in_root(root: Path, script: str, netns: str | None = None) -> subprocess.CompletedProcess:
-    """Run a busybox sh script chrooted into root, in a private mount namespace with a fresh
-    /run (so the binary unpacks itself there) and /proc; netns, if given, appears as /data/ns."""
+    """Run a busybox sh script chrooted into root, in a private mount namespace with /run
+    mounted as Debian and Ubuntu do (noexec), a fresh /proc and the host's /dev/null; netns,
+    if given, appears as /data/ns."""
     bind = f"touch {root}/data/ns && mount --bind {netns} {root}/data/ns && " if netns else ""
-    outer = (f"mount -t tmpfs tmpfs {root}/run && mount -t proc proc {root}/proc && "
-             f"mount -t tmpfs tmpfs {root}/tmp && {bind}"
+    outer = (f"mount -t tmpfs -o nodev,noexec,nosuid tmpfs {root}/run && "
+             f"mount -t proc proc {root}/proc && mount -t tmpfs tmpfs {root}/tmp && "
+             f"touch {root}/dev/null && mount --bind /dev/null {root}/dev/null && {bind}"
              f"exec chroot {root} /bin/sh -c '{script}'")
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", outer],
                           capture_output=True, text=True, timeout=120, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -163,11 +171,11 @@ def test_runs_in_a_root_without_any_libc(libc_free_root, netns):
     (root / "data" / "conf.json").write_text(json.dumps(conf))
     env = "CNI_CONTAINERID=c1 CNI_NETNS=/data/ns CNI_IFNAME=eth0 CNI_PATH=/bin"
     script = ("set -e; for i in 1 2 3 4; do echo {} | CNI_COMMAND=VERSION /cxi > /tmp/v$i & done; wait; "
-              "cat /tmp/v1; echo; /cxi version; "
+              "cat /tmp/v1; echo; cd /data && /cxi version; "
               f"{env} CNI_COMMAND=ADD /cxi < /data/conf.json; echo; "
-              "/cxi services --json --config /data/conf.json > /data/services.json; "
+              "/cxi services --json --config conf.json > /data/services.json; "
               f"{env} CNI_COMMAND=DEL /cxi < /data/conf.json; "
-              "ls -a /run/cxi-cni")
+              "ls -a / /run")
     proc = in_root(root, script, netns)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -175,15 +183,15 @@ def test_runs_in_a_root_without_any_libc(libc_free_root, netns):
     assert lines[1].startswith("cxi ") and "1.1.0" in lines[1]
     added = json.loads(lines[2])
     assert {s["device"] for s in added["cxi"]["services"]} == {"cxi0", "cxi1"}
-    services = json.loads((root / "data" / "services.json").read_text())
+    services = json.loads((root / "data" / "services.json").read_text())  # a relative --config
     assert {s["netns_inode"] for s in services} == {os.stat(netns).st_ino}
-    # Four concurrent first runs left exactly one unpacked copy and no half-made folders.
-    assert sorted(lines[3:]) == sorted([".", "..", shipped_id(root)]), lines[3:]
+    # Four concurrent first runs left exactly one unpacked copy beside the binary, no
+    # half-made folders, and nothing in the noexec /run.
+    listing = lines[3:]
+    top, run = listing[1:listing.index("/run:")], listing[listing.index("/run:") + 1:]
+    assert [name for name in top if name.startswith(".cxi")] == \
+        sorted([Launched(root / "cxi").folder, ".cxi.lock"]), top
+    assert sorted(run) == [".", ".."], run
     assert json.loads((root / "data" / "sim.json").read_text())  # the sim state lives in /data
     records = list((root / "data" / "state").glob("*.json"))
     assert records == [], "DEL left a record"
-
-
-def shipped_id(root: Path) -> str:
-    head = (root / "cxi").read_bytes()[:4096].decode("latin-1")
-    return re.search(r"^d=\S+/(\S+)$", head, re.M).group(1)
