@@ -18,10 +18,14 @@ from pydantic_core import core_schema as cs
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
 from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
+from .vniset import VniSet
 
 MODES = {"ipvlan": ("l2", "l3", "l3s"), "macvlan": ("bridge", "private", "vepa", "passthru")}
 IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
-VNI_SOURCES = ("args", "kubernetes", "config")
+# Where a pod's VNIs may come from (vnis.py): the owner's Vni object, the admin's cxi.vnis,
+# the pod author's Multus cni-args, the runtime's CNI_ARGS VNI=.
+VNI_SOURCES = ("kubernetes", "config", "args", "cniArgs")
+VNI_SERVICE_RANGE = "100-65534"  # what the VNI service hands out
 REQUIRED = object()
 DEFAULT_FIX = "see the configuration reference in README.md"
 
@@ -57,6 +61,9 @@ def strict_dict(fields: tuple[Field, ...], extra: str = "forbid") -> dict:
 
 
 U16 = cs.int_schema(ge=0, le=65535)
+VNI_LIST = cs.list_schema(cs.union_schema(
+    [cs.int_schema(ge=1, le=65535, strict=True), cs.str_schema(pattern=r"^\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?$")],
+    custom_error_type="vni_or_range", custom_error_message='should be a VNI (1..65535) or a range like "100-199"'))
 LIMIT_FIELDS = (
     Field("max", U16, REQUIRED),
     Field("res", U16, 0),
@@ -71,11 +78,22 @@ CXI_FIELDS = (
         cs.list_schema(cs.str_schema(pattern=r"^cxi[0-9]{1,4}$"), min_length=1)]), "all",
         'set cxi.devices to "all", "master" or a list like ["cxi0", "cxi1"]'),
     Field("vnis", cs.list_schema(cs.int_schema(ge=1, le=65535, strict=True), max_length=4), [],
-          "cxi.vnis is a list of 1 to 4 integers in 1..65535 (VNI 1 only with "
+          "cxi.vnis is a list of 1 to 4 integers within cxi.allowedVnis (VNI 1 only with "
           "cxi.allowDefaultVni: true)"),
     Field("allowDefaultVni", cs.bool_schema(), False),
-    Field("vniSources", cs.list_schema(cs.literal_schema(list(VNI_SOURCES))), list(VNI_SOURCES),
-          "cxi.vniSources is an ordered list among " + ", ".join(VNI_SOURCES)),
+    Field("vniSources", cs.list_schema(cs.literal_schema(list(VNI_SOURCES))), ["kubernetes", "config"],
+          "cxi.vniSources is an ordered list among " + ", ".join(VNI_SOURCES)
+          + " (args and cniArgs are written by tenants or the runtime: see SECURITY.md)"),
+    Field("allowedVnis", VNI_LIST, [VNI_SERVICE_RANGE],
+          "cxi.allowedVnis lists the VNIs any source may give a pod, as numbers and ranges like "
+          f'"{VNI_SERVICE_RANGE}" (the default: what the VNI service hands out)'),
+    Field("podVnis", VNI_LIST, [],
+          "cxi.podVnis lists the VNIs a pod may choose itself through Multus cni-args (with "
+          '"args" in cxi.vniSources), as numbers and ranges like "2000-2099"'),
+    Field("noLookupNamespaces", cs.list_schema(cs.str_schema(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")),
+          ["kube-system"], "cxi.noLookupNamespaces lists namespaces whose pods get no API lookup"),
+    Field("maxServicesPerPod", cs.int_schema(ge=1, le=64, strict=True), 2,
+          "cxi.maxServicesPerPod is how many services one pod may hold on one NIC (1..64)"),
     Field("vniPolicy", cs.literal_schema(["fallback", "required"]), "fallback",
           'set cxi.vniPolicy to "fallback" (use cxi.vnis) or "required"'),
     Field("tcs", cs.list_schema(cs.literal_schema(list(TRAFFIC_CLASSES))), [],
@@ -148,6 +166,13 @@ def semantic_problem(conf: NetConf) -> tuple[str, str, bool] | None:
             return f"cxi.limits.{name}", f"res ({lim.res}) must not exceed max ({lim.max})", True
     if len(set(conf.cxi.vnis)) != len(conf.cxi.vnis):
         return "cxi.vnis", "VNIs must not repeat", True
+    for key in ("allowedVnis", "podVnis"):
+        if isinstance(getattr(conf.cxi, key), str):
+            return f"cxi.{key}", getattr(conf.cxi, key), True
+    outside = [v for v in conf.cxi.vnis if v not in conf.cxi.allowedVnis and v != 1]
+    if outside:
+        return "cxi.vnis", (f"VNI {outside[0]} is outside cxi.allowedVnis "
+                            f"({conf.cxi.allowedVnis})"), True
     if conf.mode is not None and conf.mode not in MODES[conf.linkType]:
         return "mode", (f"mode {conf.mode!r} is not a {conf.linkType} mode "
                         f"({', '.join(MODES[conf.linkType])})"), False
@@ -166,6 +191,11 @@ def semantic_problem(conf: NetConf) -> tuple[str, str, bool] | None:
 def build_conf(data: dict) -> NetConf:
     cxi = data.pop("cxi")
     cxi["limits"] = {name: LimitConf(**lim) for name, lim in cxi["limits"].items()}
+    for key in ("allowedVnis", "podVnis"):
+        try:
+            cxi[key] = VniSet.parse(cxi[key])
+        except ValueError as exc:  # semantic_problem reports it with the field's fix
+            cxi[key] = str(exc)
     return NetConf(**data, cxi=CxiConf(**cxi))
 
 

@@ -25,6 +25,8 @@ STATE_FAILURE = 102  # state directory or record unusable
 LINK_FAILURE = 103  # netlink refused the pod's link
 KUBE_FAILURE = 104  # the Kubernetes lookup failed for good
 IPAM_FAILURE = 105  # the IPAM plugin failed without a CNI error of its own
+LAUNCHER_FAILURE = 106  # dist/cxi's launcher cannot place its program (launcher.sh says it)
+POLICY_REFUSED = 107  # the admin's policy refuses what was asked (a VNI, a service too many)
 
 ERRNO_FIXES = {
     errno.ENOSPC: "the device has too few free resources: lower cxi.limits or free services",

@@ -1,23 +1,29 @@
-"""Find a pod's VNI in the Kubernetes API: walk its owners and read the VNI service's Vni objects.
+"""What the Kubernetes API says about one pod: that it is the pod the runtime means (its UID),
+the VNI its job was given (the VNI service's `Vni` object of its nearest controlling owner),
+the VNIs its namespace lets its author choose, and its CPU count.
 
 The VNI service gives each owner (Job, ReplicaSet, Deployment, DaemonSet, volcano Job) a
 namespaced object `vni-<owner uid>` (horizon-opencube.eu/v1, plural vnis) whose `spec.vni`
-is the owner's VNI. `pod_vnis` reads the pod, then tries its owners nearest first.
-
-Only the standard library is used (http.client and ssl, imported when a lookup runs), so
-importing this module costs next to nothing in the per-attachment binary. A kubeconfig
-written as JSON (what the installer in deploy/ writes) is read without any YAML parser; a
-YAML one needs PyYAML, imported only then. The bearer token never appears in an exception.
-"""
+is the owner's VNI. The walk follows only controller ownerReferences, within the pod's own
+namespace, checks every owner's UID against the reference that led to it, and takes a Vni
+object only when it belongs to that owner."""
 
 from __future__ import annotations
 
-import os
 import time
+from dataclasses import dataclass, field
+
+from .kubeapi import ApiClient, KubeError, KubeUnavailable
+from .kubeconfig import SERVICE_ACCOUNT_DIR, load_access
+
+__all__ = ["KubeError", "KubeUnavailable", "SERVICE_ACCOUNT_DIR", "PodReplaced", "OwnerMismatch",
+           "PodFacts", "PodLookup", "pod_vnis"]
 
 VNI_GROUP_PATH = "/apis/horizon-opencube.eu/v1"
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_OWNER_DEPTH = 8
+# The Namespace annotation (written by the cluster admin) listing VNIs the namespace's pods may
+# ask for themselves through Multus cni-args, e.g. "2000-2099,3000".
+POD_VNIS_ANNOTATION = "cxi-cni/pod-vnis"
 
 # Owners whose object we may read to continue the walk: (apiVersion, kind) -> plural.
 WALKABLE_OWNERS = {
@@ -29,397 +35,149 @@ WALKABLE_OWNERS = {
 }
 
 
-class KubeError(Exception):
-    """The API server or the kubeconfig says no; retrying will not help until someone fixes it."""
+class PodReplaced(KubeError):
+    """The API's pod of that name has another UID than the runtime's sandbox: the pod was
+    deleted and made again while the old sandbox was being set up."""
 
 
-class KubeUnavailable(Exception):
-    """The API server could not be reached or answered 5xx/429 in time; the runtime should retry."""
+class OwnerMismatch(KubeError):
+    """An ownerReference or a Vni object does not point at the object it names: refused."""
+
+
+@dataclass
+class PodFacts:
+    """What the API knows of the pod; `found` is False when it does not know the pod."""
+
+    namespace: str
+    name: str
+    found: bool = True
+    uid: str = ""
+    vnis: list[int] | None = None
+    vni_origin: str = ""
+    cpus: float | None = None
+    spec: dict = field(default_factory=dict, repr=False)
+
+
+class PodLookup:
+    """One pod's reads against the API server, over one connection within one deadline.
+    Use as a context manager; `timeout` bounds everything it asks, in seconds."""
+
+    def __init__(self, kubeconfig: str | None, namespace: str, pod: str, timeout: float = 5.0):
+        self.namespace, self.pod = namespace, pod
+        self.api = ApiClient(load_access(kubeconfig), deadline=time.monotonic() + timeout)
+
+    def __enter__(self) -> PodLookup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.api.close()
+
+    def facts(self, expected_uid: str = "") -> PodFacts:
+        """The pod, checked against `expected_uid` (K8S_POD_UID) when given, with its
+        nearest owner's VNIs. PodReplaced, OwnerMismatch, KubeError, KubeUnavailable."""
+        obj = self.api.get(f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}")
+        if obj is None:
+            return PodFacts(self.namespace, self.pod, found=False)
+        meta = obj.get("metadata") or {}
+        uid = str(meta.get("uid") or "")
+        if expected_uid and uid != expected_uid:
+            raise PodReplaced(f"pod {self.namespace}/{self.pod} in the API has UID {uid or 'none'}, "
+                              f"the sandbox was made for UID {expected_uid}: the pod was replaced")
+        facts = PodFacts(self.namespace, self.pod, uid=uid, spec=obj.get("spec") or {})
+        facts.cpus = pod_cpus(facts.spec)
+        found = self._nearest_owner_vnis(obj)
+        if found:
+            facts.vnis, facts.vni_origin = found
+        return facts
+
+    def _nearest_owner_vnis(self, obj: dict) -> tuple[list[int], str] | None:
+        seen: set[str] = set()
+        for _ in range(MAX_OWNER_DEPTH):
+            ref = controller_ref(obj)
+            if ref is None or ref.get("uid") in seen:
+                return None
+            uid = str(ref.get("uid") or "")
+            seen.add(uid)
+            plural = WALKABLE_OWNERS.get((ref.get("apiVersion"), ref.get("kind")))
+            if plural is None or not uid:
+                return None
+            kind, name = ref.get("kind"), str(ref.get("name") or "")
+            owner = self.api.get(f"{api_prefix(ref['apiVersion'])}/namespaces/{self.namespace}/"
+                                 f"{plural}/{name}")
+            if owner is None:  # the owner is gone (being deleted): nothing further up to ask
+                return None
+            owner_uid = str((owner.get("metadata") or {}).get("uid") or "")
+            if owner_uid != uid:
+                raise OwnerMismatch(f"the ownerReference to {kind} {self.namespace}/{name} names UID "
+                                    f"{uid}, but that {kind} has UID {owner_uid or 'none'}")
+            vni_object = self.api.get(f"{VNI_GROUP_PATH}/namespaces/{self.namespace}/vnis/vni-{uid}")
+            if vni_object is not None:
+                where = f"Vni {self.namespace}/vni-{uid} of {kind} {self.namespace}/{name}"
+                check_vni_owner(vni_object, uid, where)
+                return vnis_of(vni_object, where), where
+            obj = owner
+        return None
+
+    def namespace_pod_vnis(self) -> str | None:
+        """The admin's annotation on the pod's Namespace listing the VNIs its pods may choose."""
+        obj = self.api.get(f"/api/v1/namespaces/{self.namespace}")
+        annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
+        value = annotations.get(POD_VNIS_ANNOTATION)
+        return value if isinstance(value, str) else None
 
 
 def pod_vnis(kubeconfig: str | None, namespace: str, pod: str, timeout: float = 5.0) -> list[int] | None:
-    """VNIs of the nearest owner of `namespace/pod` that has a Vni object, or None if none has.
-
-    `kubeconfig` is a kubeconfig file path; None means in-cluster credentials. `timeout` bounds
-    the whole lookup (every connect and read of every request), in seconds.
-    """
-    api = ApiClient(load_access(kubeconfig), deadline=time.monotonic() + timeout)
-    try:
-        found = api.get(f"/api/v1/namespaces/{namespace}/pods/{pod}")
-        if found is None:
-            raise KubeError(f"pod {namespace}/{pod} was not found in the API server at {api.access.server}")
-        return _nearest_owner_vnis(api, namespace, found)
-    finally:
-        api.close()
+    """VNIs of the nearest owner of `namespace/pod` that has a Vni object, or None."""
+    with PodLookup(kubeconfig, namespace, pod, timeout) as lookup:
+        return lookup.facts().vnis
 
 
-def _nearest_owner_vnis(api: ApiClient, namespace: str, obj: dict) -> list[int] | None:
-    seen: set[str] = set()
-    for _ in range(MAX_OWNER_DEPTH):
-        owner = _controller_ref(obj)
-        if owner is None or owner.get("uid") in seen:
-            return None
-        uid = str(owner.get("uid", ""))
-        seen.add(uid)
-        vni_object = api.get(f"{VNI_GROUP_PATH}/namespaces/{namespace}/vnis/vni-{uid}")
-        if vni_object is not None:
-            return _vnis_of(vni_object, f"{namespace}/vni-{uid}")
-        plural = WALKABLE_OWNERS.get((owner.get("apiVersion"), owner.get("kind")))
-        if plural is None:
-            return None
-        obj = api.get(f"{_api_prefix(owner['apiVersion'])}/namespaces/{namespace}/{plural}/{owner.get('name')}")
-        if obj is None:  # the owner is gone (being deleted): nothing further up to ask
-            return None
-    return None
-
-
-def _controller_ref(obj: dict) -> dict | None:
+def controller_ref(obj: dict) -> dict | None:
+    """The reference to the object's controller; other ownerReferences are not followed."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or []
-    for ref in refs:
-        if ref.get("controller"):
-            return ref
-    return refs[0] if refs else None
+    return next((ref for ref in refs if isinstance(ref, dict) and ref.get("controller") is True), None)
 
 
-def _api_prefix(api_version: str) -> str:
+def api_prefix(api_version: str) -> str:
     return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
 
 
-def _vnis_of(vni_object: dict, name: str) -> list[int]:
+def check_vni_owner(vni_object: dict, owner_uid: str, where: str) -> None:
+    """A Vni object that names owners must name this one (the VNI service's do)."""
+    refs = (vni_object.get("metadata") or {}).get("ownerReferences") or []
+    uids = {str(ref.get("uid")) for ref in refs if isinstance(ref, dict)}
+    if refs and owner_uid not in uids:
+        raise OwnerMismatch(f"{where} belongs to another owner (ownerReferences {sorted(uids)})")
+
+
+def vnis_of(vni_object: dict, where: str) -> list[int]:
     value = (vni_object.get("spec") or {}).get("vni")
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise KubeError(f"Vni {name} has spec.vni = {value!r}; expected an integer or a list of integers")
+        raise KubeError(f"{where} has spec.vni = {value!r}; expected an integer or a list of integers")
     return list(values)
 
 
-class Access:
-    """Where the API server is and how to authenticate: parsed from a kubeconfig or in-cluster files."""
-
-    def __init__(self, server: str, source: str):
-        self.server = server.rstrip("/")
-        self.source = source  # the file to name in error messages
-        self.ca_pem: str | None = None
-        self.tls_server_name: str | None = None
-        self.token: str | None = None
-        self.token_file: str | None = None
-        self.client_cert_pem: bytes | None = None
-        self.client_key_pem: bytes | None = None
-
-    def bearer_token(self) -> str | None:
-        token = self.token
-        if self.token_file:
-            try:
-                with open(self.token_file, encoding="utf-8") as f:
-                    token = f.read()
-            except OSError as e:
-                raise KubeError(
-                    f"cannot read the token file {self.token_file} named in {self.source}: {e.strerror}"
-                ) from None
-        if token is None:
-            return None
-        token = token.strip()
-        if not token or any(c in token for c in "\r\n\0"):
-            raise KubeError(f"the token in {self.source} is empty or spans several lines")
-        return token
-
-
-def load_access(kubeconfig: str | None) -> Access:
-    """Access from the kubeconfig file, or from the pod's service account when `kubeconfig` is None."""
-    return _from_kubeconfig(kubeconfig) if kubeconfig else _in_cluster()
-
-
-def _in_cluster() -> Access:
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
-    if not host or not port:
-        raise KubeError(
-            "no kubeconfig configured and not running in a pod (KUBERNETES_SERVICE_HOST/PORT unset): "
-            "set `kubeconfig` in the network config"
-        )
-    if ":" in host:
-        host = f"[{host}]"
-    access = Access(f"https://{host}:{port}", SERVICE_ACCOUNT_DIR)
-    access.token_file = os.path.join(SERVICE_ACCOUNT_DIR, "token")
-    access.ca_pem = _read_text(os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"), SERVICE_ACCOUNT_DIR)
-    return access
-
-
-def _from_kubeconfig(path: str) -> Access:
-    doc = _parse_kubeconfig(path)
-    base_dir = os.path.dirname(os.path.abspath(path))
-    context_name = doc.get("current-context")
-    context = _named(doc, "contexts", context_name, path) if context_name else _only(doc, "contexts", path)
-    cluster = _named(doc, "clusters", context.get("cluster"), path)
-    user_name = context.get("user")
-    user = _named(doc, "users", user_name, path) if user_name else {}
-    server = cluster.get("server")
-    if not isinstance(server, str) or not server.startswith("https://"):
-        raise KubeError(f"kubeconfig {path}: clusters[].cluster.server must be an https:// URL")
-    if cluster.get("insecure-skip-tls-verify"):
-        raise KubeError(f"kubeconfig {path}: insecure-skip-tls-verify is refused; give certificate-authority-data")
-    access = Access(server, path)
-    access.tls_server_name = cluster.get("tls-server-name")
-    access.ca_pem = _pem_from(cluster, "certificate-authority", base_dir, path)
-    access.client_cert_pem = _pem_from(user, "client-certificate", base_dir, path, as_bytes=True)
-    access.client_key_pem = _pem_from(user, "client-key", base_dir, path, as_bytes=True)
-    if (access.client_cert_pem is None) != (access.client_key_pem is None):
-        raise KubeError(f"kubeconfig {path}: users[].user needs both client-certificate and client-key, or neither")
-    for unsupported in ("exec", "auth-provider", "username", "password"):
-        if unsupported in user:
-            raise KubeError(f"kubeconfig {path}: users[].user.{unsupported} is not supported; use token or tokenFile")
-    if user.get("token") is not None:
-        access.token = str(user["token"])
-    elif user.get("tokenFile"):
-        access.token_file = os.path.join(base_dir, str(user["tokenFile"]))
-    if access.token is None and access.token_file is None and access.client_cert_pem is None:
-        raise KubeError(f"kubeconfig {path}: users[].user has no token, tokenFile or client certificate")
-    return access
-
-
-def _parse_kubeconfig(path: str) -> dict:
-    text = _read_text(path, path)
-    import json
-
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        doc = _parse_yaml(text, path)
-    if not isinstance(doc, dict):
-        raise KubeError(f"kubeconfig {path} is not a mapping (apiVersion, clusters, contexts, users)")
-    return doc
-
-
-def _parse_yaml(text: str, path: str):
-    try:
-        import yaml
-    except ImportError:
-        raise KubeError(f"kubeconfig {path} is not JSON and PyYAML is not available to read YAML") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        # The parser's message quotes the offending line, which may hold the token: give the position only.
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise KubeError(f"kubeconfig {path} is neither valid JSON nor valid YAML{where}") from None
-
-
-def _named(doc: dict, section: str, name, path: str) -> dict:
-    singular = section[:-1]
-    for entry in doc.get(section) or []:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            body = entry.get(singular)
-            if not isinstance(body, dict):
-                raise KubeError(f"kubeconfig {path}: {section}[name={name}].{singular} is missing")
-            return body
-    raise KubeError(f"kubeconfig {path}: {section} has no entry named {name!r}")
-
-
-def _only(doc: dict, section: str, path: str) -> dict:
-    entries = doc.get(section) or []
-    if len(entries) != 1:
-        raise KubeError(f"kubeconfig {path}: current-context is not set and {section} has {len(entries)} entries")
-    return _named(doc, section, entries[0].get("name"), path)
-
-
-def _pem_from(section: dict, key: str, base_dir: str, path: str, as_bytes: bool = False):
-    import base64
-    import binascii
-
-    data = section.get(f"{key}-data")
-    if data:
-        try:
-            raw = base64.b64decode(str(data), validate=True)
-        except (binascii.Error, ValueError):
-            raise KubeError(f"kubeconfig {path}: {key}-data is not valid base64") from None
-        return raw if as_bytes else raw.decode("ascii", "replace")
-    if section.get(key):
-        file = os.path.join(base_dir, str(section[key]))
-        text = _read_text(file, path)
-        return text.encode() if as_bytes else text
+def pod_cpus(spec: dict) -> float | None:
+    """The CPUs of the pod: the sum of its containers' CPU limits, else of their requests;
+    None when no container states either."""
+    for kind in ("limits", "requests"):
+        total, seen = 0.0, False
+        for container in spec.get("containers") or []:
+            quantity = ((container.get("resources") or {}).get(kind) or {}).get("cpu")
+            if quantity is not None:
+                cpus = cpu_quantity(quantity)
+                if cpus is not None:
+                    total, seen = total + cpus, True
+        if seen:
+            return total
     return None
 
 
-def _read_text(file: str, named_in: str) -> str:
+def cpu_quantity(value) -> float | None:
+    """A Kubernetes CPU quantity ("2", "500m", 1.5) in CPUs; None if it is not one."""
+    text = str(value).strip()
     try:
-        with open(file, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        where = "" if file == named_in else f" (named in {named_in})"
-        raise KubeError(f"cannot read {file}{where}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise KubeError(f"{file} is not UTF-8 text") from None
-
-
-class ApiClient:
-    """GETs JSON from the API server over one kept-alive TLS connection, all within one deadline."""
-
-    def __init__(self, access: Access, deadline: float):
-        from urllib.parse import urlsplit
-
-        self.access, self.deadline = access, deadline
-        url = urlsplit(access.server)
-        try:
-            self.host, self.port = url.hostname or "", url.port or 443
-        except ValueError:
-            raise KubeError(f"{access.source}: the server URL has an invalid port") from None
-        self.base_path = url.path.rstrip("/")
-        self.context = self._tls_context()
-        self.headers = {"Accept": "application/json", "User-Agent": "cxi-cni"}
-        token = access.bearer_token()
-        if token is not None:
-            self.headers["Authorization"] = f"Bearer {token}"
-        self.conn = None
-
-    def _tls_context(self):
-        import ssl
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
-        if self.access.ca_pem is None:
-            ctx.load_default_certs()
-        else:
-            try:
-                ctx.load_verify_locations(cadata=self.access.ca_pem)
-            except (ssl.SSLError, ValueError):
-                raise KubeError(
-                    f"{self.access.source}: the certificate authority is not a valid PEM certificate"
-                ) from None
-        if self.access.client_cert_pem is not None:
-            self._load_client_cert(ctx)
-        return ctx
-
-    def _load_client_cert(self, ctx) -> None:
-        import ssl
-
-        # load_cert_chain wants file names: memory-only files keep the key off every disk.
-        fds = [os.memfd_create("kube-client-cert"), os.memfd_create("kube-client-key")]
-        try:
-            for fd, pem in zip(fds, (self.access.client_cert_pem, self.access.client_key_pem), strict=True):
-                os.write(fd, pem)
-            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
-        except (ssl.SSLError, OSError):
-            raise KubeError(
-                f"kubeconfig {self.access.source}: client-certificate/client-key do not load as a PEM pair"
-            ) from None
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _remaining(self, what: str) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise KubeUnavailable(f"the API server at {self.access.server} did not answer in time ({what})")
-        return left
-
-    def get(self, path: str) -> dict | None:
-        """The object at `path`, or None on 404. Raises KubeError or KubeUnavailable."""
-        import http.client
-        import ssl
-
-        try:
-            status, body = self._request(path)
-        except ssl.SSLCertVerificationError as e:
-            raise KubeError(
-                f"TLS verification of {self.access.server} failed ({e.verify_message}): "
-                f"check the certificate authority in {self.access.source}"
-            ) from None
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            self.close()
-            raise KubeUnavailable(f"the API server at {self.access.server} closed the TLS connection") from None
-        except ssl.SSLError as e:
-            raise KubeError(
-                f"TLS with {self.access.server} failed ({e.reason}): is it the API server's HTTPS port?"
-            ) from None
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, unreachable, timed out, garbled
-            self.close()
-            reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or type(e).__name__)
-            raise KubeUnavailable(f"cannot reach the API server at {self.access.server}: {reason}") from None
-        if status == 200:
-            return self._decode(body, path)
-        if status == 404:
-            return None
-        message = self._status_message(body)
-        if status == 401:
-            raise KubeError(
-                f"the API server refused the kubeconfig's credentials (401: {message}): "
-                f"check the token or client certificate in {self.access.source}"
-            )
-        if status == 403:
-            raise KubeError(
-                f"the API server forbids GET {path} (403: {message}): grant it in the ClusterRole of deploy/rbac.yaml"
-            )
-        if status == 429 or status >= 500:
-            raise KubeUnavailable(f"the API server at {self.access.server} answered {status} for GET {path}: {message}")
-        raise KubeError(f"the API server answered {status} for GET {path}: {message}")
-
-    def _request(self, path: str) -> tuple[int, bytes]:
-        from urllib.parse import quote
-
-        target = self.base_path + quote(path)
-        while True:
-            reused = self.conn is not None
-            if not reused:
-                self.conn = self._open()
-            try:
-                sock = self.conn.sock  # kept: http.client drops it from conn when the server says close
-                sock.settimeout(self._remaining(f"GET {path}"))
-                self.conn.request("GET", target, headers=self.headers)
-                response = self.conn.getresponse()
-                body = self._read_body(response, sock, path)
-                if response.will_close:
-                    self.close()
-                return response.status, body
-            except (ConnectionResetError, BrokenPipeError):
-                self.close()
-                if not reused:  # a kept-alive connection the server dropped gets one fresh retry
-                    raise
-
-    def _open(self):
-        import http.client
-        import socket
-
-        conn = http.client.HTTPSConnection(self.host, self.port, context=self.context)
-        sock = socket.create_connection((self.host, self.port), timeout=self._remaining("connect"))
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small requests: do not wait for ACKs
-            sock.settimeout(self._remaining("TLS handshake"))
-            conn.sock = self.context.wrap_socket(sock, server_hostname=self.access.tls_server_name or self.host)
-        except BaseException:
-            sock.close()
-            raise
-        return conn
-
-    def _read_body(self, response, sock, path: str) -> bytes:
-        chunks = []
-        while True:
-            sock.settimeout(self._remaining(f"GET {path}"))
-            chunk = response.read1(65536)
-            if not chunk:
-                response.close()  # the whole body is read: the connection is free for the next request
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-    @staticmethod
-    def _decode(body: bytes, path: str) -> dict:
-        import json
-
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            raise KubeError(f"GET {path} returned something other than JSON") from None
-        if not isinstance(obj, dict):
-            raise KubeError(f"GET {path} returned JSON that is not an object")
-        return obj
-
-    @staticmethod
-    def _status_message(body: bytes) -> str:
-        import json
-
-        try:
-            return str(json.loads(body).get("message") or "no message")[:300]
-        except (ValueError, AttributeError):
-            return body[:200].decode("utf-8", "replace").strip() or "no message"
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None

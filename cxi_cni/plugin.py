@@ -10,8 +10,9 @@ from . import faults, logs, vnis
 from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .cni.version import merge_results
+from .cxi.backend import Service
 from .cxi.services import Binding, bind_netns, destroy, differences
-from .errors import CXI_FAILURE, mapped
+from .errors import CXI_FAILURE, POLICY_REFUSED, mapped
 from .gc import collect
 from .invocation import Invocation
 from .podlink import PodLink
@@ -19,7 +20,7 @@ from .podlink import check as check_link
 from .podlink import gc as gc_link
 from .podlink import status as link_status
 from .record import AttachmentRecord
-from .release import StaleJudge, release_unclaimed, remove_attachment
+from .release import reap_stale_services, release_unclaimed, remove_attachment
 
 log = logging.getLogger("cxi_cni.plugin")
 
@@ -52,7 +53,7 @@ class CxiPlugin:
                         inv.store.save(record)  # the intent, before the link exists
                         ours = link.make(inv.conf, args, netns, undo)
                         inv.store.save(record)
-                    bindings = self._bind(inv, record, devices, spec, undo)
+                    bindings = self._bind(inv, record, spec, undo)
                     result = merge_results(args.prev_result, ours)
                     result["cxi"] = {"netnsInode": netns.inode, "vnis": list(spec.vnis),
                                      "services": [{"device": b.device, "svcId": b.svc_id}
@@ -66,10 +67,10 @@ class CxiPlugin:
         return result
 
     @staticmethod
-    def _bind(inv: Invocation, record: AttachmentRecord, devices, spec,
-              undo: ExitStack) -> list[Binding]:
-        """The services, each recorded before its alloc (intent) and after it (id); if a
-        later step of ADD fails, `undo` destroys them again."""
+    def _bind(inv: Invocation, record: AttachmentRecord, spec, undo: ExitStack) -> list[Binding]:
+        """With the pod's namespace locked: reap what a dead namespace left on its inode,
+        check the pod's share of each NIC, then make the services, each recorded before its
+        alloc (intent) and after it (id); if a later step of ADD fails, `undo` destroys them."""
 
         def made(binding: Binding | None, device: str) -> None:
             record.allocating = None if binding else device
@@ -77,12 +78,15 @@ class CxiPlugin:
                 record.services.append(binding)
             inv.store.save(record)
 
-        try:
-            bindings = bind_netns(inv.backend, devices, record.netns_inode, spec, made,
-                                  StaleJudge(inv, record.netns_inode).judge, faults.point)
-        except BaseException:
-            record.services = []  # bind_netns destroyed them
-            raise
+        with inv.store.namespace_lock(inv.netns().fd):
+            held = reap_stale_services(inv, record.netns_inode, required=bool(record.devices))
+            check_share(inv, record, held)
+            try:
+                bindings = bind_netns(inv.backend, record.devices, record.netns_inode, spec, made,
+                                      faults.point)
+            except BaseException:
+                record.services = []  # bind_netns destroyed them
+                raise
         undo.callback(logs.undo_step, "destroy the pod's services", destroy, inv.backend,
                       bindings, record.netns_inode, ())
         return bindings
@@ -166,3 +170,19 @@ class CxiPlugin:
                                + "; ".join(report["failures"][:5]), "the runtime will retry GC")
             if inv.conf.master:
                 gc_link(inv.conf, args)
+
+
+def check_share(inv: Invocation, record: AttachmentRecord, held: dict[str, list[Service]]) -> None:
+    """A pod (one network namespace) holds at most cxi.maxServicesPerPod services on a NIC,
+    however many attachments it lists: each service reserves the NIC's queues."""
+    cap = inv.conf.cxi.maxServicesPerPod
+    for device in record.devices:
+        if len(held.get(device, ())) + 1 > cap:
+            owners = sorted(f"{r.container_id[:12]}/{r.ifname}" for r in inv.store.all()
+                            if r.netns_inode == record.netns_inode and r.key != record.key
+                            and any(b.device == device for b in r.services))
+            raise CniError(POLICY_REFUSED, f"the pod's network namespace already holds "
+                           f"{len(held[device])} CXI services on {device} "
+                           f"({', '.join(owners) or 'other attachments'}); cxi.maxServicesPerPod "
+                           f"is {cap}", "give the pod fewer cxi attachments on this NIC, or ask "
+                           "the cluster admin to raise cxi.maxServicesPerPod")

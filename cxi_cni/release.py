@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from . import logs
 from .cni.errors import TRY_AGAIN_LATER, CniError
-from .cxi.backend import CxiError, Service
+from .cxi.backend import BackendUnavailable, CxiError, Service
 from .cxi.services import destroy, destroy_orphans, reap_stale
 from .errors import CXI_FAILURE, cxi_error
 from .invocation import Invocation
@@ -75,6 +75,28 @@ def release_services(inv: Invocation, record: AttachmentRecord) -> None:
     logs.event(log, logging.INFO, "services destroyed",
                services=[f"{b.device}/{b.svc_id}" for b in record.services])
     record.services = []
+
+
+def reap_stale_services(inv: Invocation, inode: int, required: bool) -> dict[str, list[Service]]:
+    """Before ADD binds anything: on every device (not only the ones this attachment uses),
+    destroy the services bound to the pod's inode that this pod does not own, so the
+    namespace holds exactly the services of its own records. Returns, per device, the
+    services of this pod that stay. Without a usable backend there is nothing to reap
+    unless this ADD needs the backend itself (`required`)."""
+    judge = StaleJudge(inv, inode).judge
+    kept: dict[str, list[Service]] = {}
+    try:
+        for name in inv.backend.device_names():
+            dev = inv.backend.open(name)
+            try:
+                kept[name] = reap_stale(dev, inode, judge)
+            finally:
+                dev.close()
+    except BackendUnavailable as exc:
+        if required:
+            raise
+        log.info("no stale services looked for: %s", exc)
+    return kept
 
 
 def release_unclaimed(inv: Invocation, inode: int) -> None:

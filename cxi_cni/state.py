@@ -18,6 +18,10 @@ class StateError(Exception):
     """The state directory or a record cannot be trusted or used; the message says why."""
 
 
+# How long an ADD waits for another ADD in the same pod's namespace to finish binding.
+NAMESPACE_WAIT = 30.0
+
+
 class AttachmentBusy(Exception):
     """Another process held an attachment's lock for longer than we were willing to wait."""
 
@@ -102,6 +106,17 @@ class AttachmentStore:
                         os.unlink(path)
             finally:
                 os.close(fd)
+
+    @contextlib.contextmanager
+    def namespace_lock(self, netns_fd: int, timeout: float = NAMESPACE_WAIT):
+        """Exclusive lock of one network namespace, held on its nsfs file itself (every
+        open of a namespace shares one inode), so ADDs of one pod's attachments take turns
+        and no lock file outlives the namespace. AttachmentBusy after `timeout` seconds."""
+        flock_until(netns_fd, time.monotonic() + timeout)
+        try:
+            yield
+        finally:
+            fcntl.flock(netns_fd, fcntl.LOCK_UN)
 
     def load(self, container_id: str, ifname: str) -> AttachmentRecord | None:
         """The attachment's record, None if it has none; StateError if it is damaged."""

@@ -219,6 +219,15 @@ def api(pki):
 
 
 @pytest.fixture
+def kubeconfig(api, pki, tmp_path) -> str:
+    """A JSON kubeconfig for the test API server, as the installer DaemonSet writes it."""
+    from kube_apiserver import TOKEN, write_kubeconfig
+
+    return str(write_kubeconfig(tmp_path / "cxi.kubeconfig", api.url, pki.ca_pem, token=TOKEN,
+                                as_json=True))
+
+
+@pytest.fixture
 def cni(cxi_bin, request):
     """run_cni bound to the frozen binary, with the test's backend environment."""
     setup = next((request.getfixturevalue(name) for name in ("cxi_setup", "sim")

@@ -26,6 +26,7 @@ CLIENT_CERT_USER = "cxi-cni-client"
 # (group/version as in the URL, plural) -> kind, for every resource this server knows.
 RESOURCES = {
     ("v1", "pods"): "Pod",
+    ("v1", "namespaces"): "Namespace",
     ("apps/v1", "replicasets"): "ReplicaSet",
     ("apps/v1", "deployments"): "Deployment",
     ("apps/v1", "daemonsets"): "DaemonSet",
@@ -36,6 +37,7 @@ RESOURCES = {
 }
 PLURALS = {(gv, kind): plural for (gv, plural), kind in RESOURCES.items()}
 OBJECT_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+/[^/]+))/namespaces/([^/]+)/([^/]+)/([^/]+)$")
+NAMESPACE_PATH = re.compile(r"^/api/(v1)/(namespaces)/([^/]+)$")  # the one cluster-scoped kind
 
 
 TOKEN = "sa-token-0123456789abcdef"  # the bearer token the test servers accept
@@ -157,9 +159,18 @@ def _typical_body(api_version: str, kind: str, name: str) -> dict:
 
 
 def vni_object(owner: dict, vni) -> dict:
-    """The Vni the VNI service makes for `owner`: `vni-<owner uid>` in the owner's namespace."""
+    """The Vni the VNI service makes for `owner`: `vni-<owner uid>` in the owner's namespace,
+    owned by it (metacontroller sets the controller reference of its attachments)."""
     meta = owner["metadata"]
-    return new_object("horizon-opencube.eu/v1", "Vni", meta["namespace"], f"vni-{meta['uid']}", spec={"vni": vni})
+    return new_object("horizon-opencube.eu/v1", "Vni", meta["namespace"], f"vni-{meta['uid']}", owner=owner,
+                      spec={"vni": vni})
+
+
+def pod_args(pod: dict, uid: str | None = None) -> str:
+    """CNI_ARGS as containerd passes them for `pod` (K8S_POD_UID: the pod's, or `uid`)."""
+    meta = pod["metadata"]
+    out = f"IgnoreUnknown=1;K8S_POD_NAMESPACE={meta['namespace']};K8S_POD_NAME={meta['name']}"
+    return out + f";K8S_POD_UID={uid or meta['uid']}" if uid is not None else out
 
 
 def status_object(code: int, reason: str, message: str, details: dict | None = None) -> dict:
@@ -276,15 +287,10 @@ class KubeApiServer:
 
     def add(self, *objects: dict) -> None:
         for obj in objects:
-            group_version = obj["apiVersion"]
-            plural = PLURALS[(group_version, obj["kind"])]
-            meta = obj["metadata"]
-            self.objects[object_path(group_version, meta["namespace"], plural, meta["name"])] = obj
+            self.objects[path_of(obj)] = obj
 
     def remove(self, obj: dict) -> None:
-        meta = obj["metadata"]
-        plural = PLURALS[(obj["apiVersion"], obj["kind"])]
-        self.objects.pop(object_path(obj["apiVersion"], meta["namespace"], plural, meta["name"]), None)
+        self.objects.pop(path_of(obj), None)
 
     def answer(self, path: str, authorization: str, peer_cert: dict | None) -> tuple[int, dict]:
         if not self._authenticated(authorization, peer_cert):
@@ -292,9 +298,12 @@ class KubeApiServer:
         if self.fail_status is not None:
             return self.fail_status, status_object(self.fail_status, "InternalError", "etcdserver: request timed out")
         match = OBJECT_PATH.match(path)
-        if match is None or (match[1] or match[2], match[4]) not in RESOURCES:
+        if match is not None and (match[1] or match[2], match[4]) in RESOURCES:
+            group_version, namespace, plural, name = match[1] or match[2], match[3], match[4], match[5]
+        elif (match := NAMESPACE_PATH.match(path)) is not None:
+            group_version, namespace, plural, name = match[1], "", match[2], match[3]
+        else:
             return 404, status_object(404, "NotFound", "the server could not find the requested resource", {})
-        group_version, namespace, plural, name = match[1] or match[2], match[3], match[4], match[5]
         group = group_version.rpartition("/")[0]
         details = {"name": name, "kind": plural} | ({"group": group} if group else {})
         if plural in self.forbidden:
@@ -316,6 +325,22 @@ class KubeApiServer:
             return True
         subject = dict(item[0] for item in (peer_cert or {}).get("subject", ()))
         return subject.get("commonName") == CLIENT_CERT_USER
+
+
+def path_of(obj: dict) -> str:
+    """Where the API serves `obj`: namespaced objects under their namespace, Namespaces at the top."""
+    meta = obj["metadata"]
+    if obj["kind"] == "Namespace":
+        return f"/api/v1/namespaces/{meta['name']}"
+    return object_path(obj["apiVersion"], meta["namespace"], PLURALS[(obj["apiVersion"], obj["kind"])], meta["name"])
+
+
+def namespace_object(name: str, annotations: dict | None = None) -> dict:
+    """A Namespace as the API returns it, with the cluster admin's annotations."""
+    obj = new_object("v1", "Namespace", "", name, spec={"finalizers": ["kubernetes"]})
+    del obj["metadata"]["namespace"]
+    obj["metadata"]["annotations"] = dict(annotations or {})
+    return obj
 
 
 def object_path(group_version: str, namespace: str, plural: str, name: str) -> str:

@@ -19,6 +19,7 @@ READ_ONLY_VERBS = {"get", "list", "watch"}
 # (API group, resource) the plugin reads while walking a pod's owners to its Vni.
 NEEDED_READS = {
     ("", "pods"),
+    ("", "namespaces"),  # the cxi-cni/pod-vnis annotation
     ("apps", "replicasets"),
     ("apps", "deployments"),
     ("apps", "daemonsets"),
@@ -121,7 +122,7 @@ def test_nad_config(nic):
     assert config["ipam"]["type"] == "whereabouts" and config["ipam"]["range"]
     assert config["kubeconfig"] == KUBECONFIG_ON_HOST
     assert config["cxi"]["devices"] == "master"
-    assert config["cxi"]["vniSources"] == ["args", "kubernetes", "config"]
+    assert config["cxi"]["vniSources"] == ["kubernetes", "config"]  # never the pod's own cni-args
 
 
 def test_flannel_patch_appends_cxi_after_flannel_and_portmap():

@@ -104,6 +104,9 @@ FIELDS = {
     ("cxi", "vnis", 0): ({"int"}, INVALID_CONFIG),  # strict: no bool, no numeric string
     ("cxi", "allowDefaultVni"): ({"bool"}, INVALID_CONFIG),
     ("cxi", "vniSources"): ({"list"}, INVALID_CONFIG),
+    ("cxi", "allowedVnis"): ({"list"}, INVALID_CONFIG), ("cxi", "podVnis"): ({"list"}, INVALID_CONFIG),
+    ("cxi", "noLookupNamespaces"): ({"list"}, INVALID_CONFIG),
+    ("cxi", "maxServicesPerPod"): ({"int"}, INVALID_CONFIG),  # strict: no bool
     ("cxi", "vniPolicy"): ({"str"}, INVALID_CONFIG), ("cxi", "tcs"): ({"list"}, INVALID_CONFIG),
     ("cxi", "limits"): ({"dict"}, INVALID_CONFIG),
     ("cxi", "limits", "les", "max"): ({"int", "bool"}, INVALID_CONFIG),
@@ -258,13 +261,14 @@ def cni_args(draw):
     how = draw(st.sampled_from(["hostile values", "no =", "empty key", "newline", "VNI"]))
     if how == "hostile values":
         return Case("CNI_ARGS with hostile values", OK, env={"CNI_ARGS": ";".join(entries)})
-    if how == "VNI":
+    if how == "VNI":  # a malformed VNI= is refused; one outside cxi.allowedVnis falls back
         vnis = draw(st.lists(st.integers(min_value=-5, max_value=70000), max_size=6))
         good = 1 <= len(vnis) <= 4 and len(set(vnis)) == len(vnis) and all(
-            2 <= v <= 65535 for v in vnis)
+            1 <= v <= 65535 for v in vnis)
         entries.append("VNI=" + ",".join(map(str, vnis)))
         return Case("CNI_ARGS VNI", OK if good else INVALID_ENV, "VNI",
-                    env={"CNI_ARGS": ";".join(entries)})
+                    env={"CNI_ARGS": ";".join(entries)},
+                    sets=((("cxi", "vniSources"), ["cniArgs", "config"]),))
     bad = {"no =": draw(ARG_VALUE.filter(lambda v: v and "=" not in v)),
            "empty key": "=" + draw(ARG_VALUE),
            "newline": draw(keys) + "=" + draw(ARG_VALUE) + "\n" + draw(ARG_VALUE)}[how]

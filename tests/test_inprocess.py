@@ -125,6 +125,7 @@ def test_gc_collects_dead_attachments_in_process(sim, make_netns):
 def test_vni_sources_in_process(sim):
     conf = Invocation(cmd_args(sim.conf(cxi={"vnis": [700]}))).conf
     assert resolve(conf, {}) == (700,)
+    assert resolve(conf, {"VNI": "801,802"}) == (700,)  # the runtime's VNI= is off by default
+    conf.cxi.vniSources = ["cniArgs", "config"]
     assert resolve(conf, {"VNI": "801,802"}) == (801, 802)
-    conf.cxi.vniSources = ["config"]
-    assert resolve(conf, {"VNI": "801"}) == (700,)
+    assert resolve(conf, {"VNI": "99"}) == (700,)  # outside cxi.allowedVnis: the next source

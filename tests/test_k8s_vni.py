@@ -20,6 +20,7 @@ from kube_apiserver import (
 )
 
 from cxi_cni import k8s
+from cxi_cni import kubeconfig as kubeconfig_module
 from cxi_cni.k8s import KubeError, KubeUnavailable, pod_vnis
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,8 @@ def test_the_walk_uses_one_tls_connection(api, kubeconfig):
     deploy, rs, pod = deployment_pod(api)
     api.add(vni_object(deploy, 3001))
     pod_vnis(kubeconfig, NS, pod["metadata"]["name"])
-    assert len(api.requests) == 4  # the pod, the ReplicaSet's Vni (none), the ReplicaSet, the Deployment's Vni
+    # the pod, the ReplicaSet, its Vni (none), the Deployment, its Vni
+    assert len(api.requests) == 5
     assert api.connections_accepted == 1
 
 
@@ -70,7 +72,7 @@ def test_server_that_closes_each_connection(api, kubeconfig):
     deploy, rs, pod = deployment_pod(api)
     api.add(vni_object(deploy, 3001))
     assert pod_vnis(kubeconfig, NS, pod["metadata"]["name"]) == [3001]
-    assert api.connections_accepted == 4
+    assert api.connections_accepted == 5
 
 
 def test_job_owned_pod(api, kubeconfig):
@@ -142,9 +144,11 @@ def test_deleted_owner_ends_the_walk(api, kubeconfig):
     assert pod_vnis(kubeconfig, NS, pod["metadata"]["name"]) is None
 
 
-def test_missing_pod_is_an_error(api, kubeconfig):
-    with pytest.raises(KubeError, match=f"pod {NS}/ghost was not found"):
-        pod_vnis(kubeconfig, NS, "ghost")
+def test_a_pod_the_api_does_not_know_has_no_vni(api, kubeconfig):
+    """A static pod before its mirror pod exists: 404, no Vni, no error."""
+    assert pod_vnis(kubeconfig, NS, "ghost") is None
+    with k8s.PodLookup(kubeconfig, NS, "ghost") as lookup:
+        assert lookup.facts().found is False
 
 
 def test_api_down_is_unavailable(api, kubeconfig):
@@ -242,7 +246,7 @@ def test_token_file_relative_to_the_kubeconfig(api, pki, tmp_path):
 def test_in_cluster_service_account(api, pki, tmp_path, monkeypatch):
     (tmp_path / "token").write_text(TOKEN)
     (tmp_path / "ca.crt").write_text(pki.ca_pem)
-    monkeypatch.setattr(k8s, "SERVICE_ACCOUNT_DIR", str(tmp_path))
+    monkeypatch.setattr(kubeconfig_module, "SERVICE_ACCOUNT_DIR", str(tmp_path))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
     ds = new_object("apps/v1", "DaemonSet", NS, "agent")
@@ -294,7 +298,7 @@ def _run_python(code: str) -> str:
 def test_importing_the_module_loads_nothing_heavy():
     out = _run_python(
         "import sys; before = set(sys.modules); import cxi_cni.k8s; "
-        "print(sorted({'ssl', 'http.client', 'socket', 'yaml', 'json'} & (set(sys.modules) - before)))"
+        "print(sorted({'ssl', 'http.client', 'yaml'} & (set(sys.modules) - before)))"
     )
     assert out.strip() == "[]"
 

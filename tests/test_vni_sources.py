@@ -7,20 +7,9 @@ import json
 import time
 
 import pytest
-from kube_apiserver import TOKEN, new_object, vni_object, write_kubeconfig
+from kube_apiserver import new_object, pod_args, vni_object, write_kubeconfig
 
 NS = "team-b"
-
-
-@pytest.fixture
-def kubeconfig(api, pki, tmp_path) -> str:
-    return str(write_kubeconfig(tmp_path / "cxi.kubeconfig", api.url, pki.ca_pem, token=TOKEN,
-                                as_json=True))
-
-
-def pod_args(pod: dict) -> str:
-    meta = pod["metadata"]
-    return f"IgnoreUnknown=1;K8S_POD_NAMESPACE={meta['namespace']};K8S_POD_NAME={meta['name']}"
 
 
 def deployment_pod(api, name="train"):
@@ -113,23 +102,26 @@ def test_slow_api_times_out(cni, sim, netns, api, kubeconfig):
     assert "cannot reach the Kubernetes API" in err["msg"]
 
 
-def test_multus_cni_args_override_kubernetes(cni, sim, netns, api, kubeconfig):
+def test_multus_cni_args_override_kubernetes_where_the_admin_allows_it(cni, sim, netns, api, kubeconfig):
     deploy, _, pod = deployment_pod(api)
     api.add(vni_object(deploy, 4100))
-    conf = kube_conf(sim, kubeconfig, vnis=[9])
+    conf = kube_conf(sim, kubeconfig, vnis=[900], vniSources=["args", "kubernetes", "config"],
+                     podVnis=["8100-8199"])
     conf["args"] = {"cni": {"vni": [8100, 8101]}}
     cni("ADD", conf, netns=netns, cni_args=pod_args(pod)).ok()
     assert service_vnis(sim) == [[8100, 8101], [8100, 8101]]
-    assert api.requests == [], "the API was asked although cni-args gave the VNIs"
+    assert not any("/vnis/" in path for path in api.requests), "the Vni was read although cni-args gave the VNIs"
 
 
 def test_cni_args_vni_and_its_validation(cni, sim, netns):
-    cni("ADD", sim.conf(), netns=netns, cni_args="IgnoreUnknown=1;VNI=300,301").ok()
+    conf = sim.conf(cxi={"vniSources": ["cniArgs", "config"]})
+    cni("ADD", conf, netns=netns, cni_args="IgnoreUnknown=1;VNI=300,301").ok()
     assert service_vnis(sim) == [[300, 301], [300, 301]]
-    err = cni("ADD", sim.conf(), netns=netns, container_id="c2", cni_args="VNI=70000").error(4)
+    err = cni("ADD", conf, netns=netns, container_id="c2", cni_args="VNI=70000").error(4)
     assert "70000" in err["msg"]
-    err = cni("ADD", sim.conf(), netns=netns, container_id="c3", cni_args="VNI=1").error(4)
-    assert "VNI 1" in err["msg"]
+    err = cni("ADD", sim.conf(cxi={"vniSources": ["cniArgs"], "vniPolicy": "required"}), netns=netns,
+              container_id="c3", cni_args="VNI=1").error(107)
+    assert "VNI 1" in err["msg"] and "CNI_ARGS VNI" in err["msg"]
 
 
 def test_without_kubeconfig_the_kubernetes_source_is_skipped(cni, sim, netns):

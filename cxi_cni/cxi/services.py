@@ -39,10 +39,9 @@ class ServiceSpec:
 
 def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: ServiceSpec,
                on_made: Callable[[Binding | None, str], None],
-               judge: Callable[[Service, Callable[[], None]], None],
                step: Callable[[str], None] = lambda name: None) -> list[Binding]:
-    """On each device: reap services left bound to this inode by a dead namespace, then
-    alloc, disable, set netns, enable. On any failure destroy everything made here.
+    """On each device: alloc, disable, set netns, enable. On any failure destroy everything
+    made here.
 
     `on_made(None, device)` is called before each alloc and `on_made(binding, device)`
     after it, so the caller can record the intent and then the id (a crash in between
@@ -52,7 +51,6 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
         for index, name in enumerate(devices):
             dev = backend.open(name)
             try:
-                reap_stale(dev, inode, judge)
                 on_made(None, name)
                 svc_id = dev.alloc_svc(spec.desc())
                 made.append(Binding(name, svc_id))
@@ -73,14 +71,15 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
     return made
 
 
-def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], None]) -> list[int]:
+def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], None]) -> list[Service]:
     """Destroy services bound to `inode` that this attachment does not own: the inode
     belonged to a namespace that died without DEL, and its VNIs must not be inherited.
+    Returns the services bound to `inode` that were kept.
 
     `judge(svc, reap)` calls `reap()` unless the service is this attachment's; it chooses
     the moment (holding the owner's lock), and `reap` destroys the id only if it is still
     bound to `inode`, since the listing may be old and the id handed out again."""
-    reaped = []
+    reaped, kept = [], []
     for svc in dev.list_services():
         if svc.netns_inode != inode or svc.svc_id == DEFAULT_SVC_ID:
             continue
@@ -92,7 +91,9 @@ def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], N
                 reaped.append(svc.svc_id)
 
         judge(svc, reap)
-    return reaped
+        if svc.svc_id not in reaped:
+            kept.append(svc)
+    return kept
 
 
 def destroy_if_bound(dev, svc_id: int, inode: int) -> bool:
