@@ -15,6 +15,7 @@ from dataclasses import dataclass, make_dataclass
 from pydantic_core import SchemaValidator, ValidationError
 from pydantic_core import core_schema as cs
 
+from . import nodepolicy
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
 from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
@@ -128,6 +129,7 @@ NETCONF_FIELDS = (
     Field("runtimeConfig", nullable(cs.dict_schema()), None),
 )
 VALIDATOR = SchemaValidator(strict_dict(NETCONF_FIELDS, extra="ignore"))
+POLICY_VALIDATOR = nodepolicy.policy_schema(VNI_LIST, list(VNI_SOURCES), ["libcxi", "sim"])
 # Dotted field path -> its fix, for the error's details.
 FIXES = {**{f.name: f.fix for f in NETCONF_FIELDS}, **{f"cxi.{f.name}": f.fix for f in CXI_FIELDS}}
 
@@ -151,9 +153,10 @@ NetConf.__doc__ = ("The whole plugin configuration. Unknown top-level keys are i
                    "plugins do (runtimes add their own); unknown keys inside `cxi` are refused.")
 
 
-def semantic_problem(conf: NetConf) -> tuple[str, str, bool] | None:
+def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, bool] | None:
     """(field path, message, whether the message starts with the path) of the first rule
-    the schema cannot say, or None."""
+    the schema cannot say, or None. For `teardown` the VNI policy is not checked: DEL must
+    remove what an older configuration made."""
     if conf.master is not None and not IFNAME_RE.match(conf.master):
         return "master", f"{conf.master!r} is not a valid interface name", True
     for key in ("stateDir", "logFile"):
@@ -170,7 +173,7 @@ def semantic_problem(conf: NetConf) -> tuple[str, str, bool] | None:
         if isinstance(getattr(conf.cxi, key), str):
             return f"cxi.{key}", getattr(conf.cxi, key), True
     outside = [v for v in conf.cxi.vnis if v not in conf.cxi.allowedVnis and v != 1]
-    if outside:
+    if outside and not teardown:
         return "cxi.vnis", (f"VNI {outside[0]} is outside cxi.allowedVnis "
                             f"({conf.cxi.allowedVnis})"), True
     if conf.mode is not None and conf.mode not in MODES[conf.linkType]:
@@ -178,7 +181,7 @@ def semantic_problem(conf: NetConf) -> tuple[str, str, bool] | None:
                         f"({', '.join(MODES[conf.linkType])})"), False
     if conf.cxi.devices == "master" and not conf.master:
         return "cxi.devices", 'cxi.devices is "master" but no master is set', False
-    if 1 in conf.cxi.vnis and not conf.cxi.allowDefaultVni:
+    if 1 in conf.cxi.vnis and not conf.cxi.allowDefaultVni and not teardown:
         return "cxi.vnis", ("cxi.vnis holds VNI 1, the default service's VNI shared by every "
                             "process; set cxi.allowDefaultVni: true to use it anyway"), False
     if conf.master and conf.ipam is None:
@@ -214,8 +217,10 @@ def fix_for(path: str) -> str:
     return DEFAULT_FIX
 
 
-def parse_conf(raw: dict) -> NetConf:
-    """Validate the config; a bad field becomes code 7, an unknown `cxi` key code 2."""
+def parse_conf(raw: dict, teardown: bool = False) -> NetConf:
+    """Validate the config and bound it by the node policy; a bad field becomes code 7, an
+    unknown `cxi` key code 2. `teardown` (DEL, GC) holds only what the plugin loads or
+    contacts to the policy, so attachments made before it can still be removed."""
     try:
         conf = build_conf(VALIDATOR.validate_python(raw))
     except ValidationError as exc:
@@ -232,10 +237,20 @@ def parse_conf(raw: dict) -> NetConf:
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         raise CniError(code, f"invalid network configuration: {shown}{more}",
                        "fix: " + fix_for(path)) from None
-    problem = semantic_problem(conf)
+    problem = semantic_problem(conf, teardown)
     if problem:
         path, message, with_path = problem
         shown = f"{path}: {message}" if with_path else message
         raise CniError(INVALID_CONFIG, f"invalid network configuration: {shown}",
                        "fix: " + fix_for(path))
+    try:
+        conf.node_policy = nodepolicy.load(POLICY_VALIDATOR)
+        if conf.node_policy is not None:
+            conf.node_policy.bound(conf, teardown)
+    except nodepolicy.PolicyError as exc:
+        if not exc.field:
+            raise CniError(INVALID_CONFIG, str(exc), f"fix or remove {nodepolicy.policy_path()} "
+                           "(root's, writable by root alone; keys in SECURITY.md)") from None
+        raise CniError(INVALID_CONFIG, f"invalid network configuration: {exc.field}: {exc}",
+                       "stay within the node policy, or ask the cluster admin to widen it") from None
     return conf

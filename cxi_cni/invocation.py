@@ -28,7 +28,7 @@ class Invocation:
 
     def __init__(self, args: CmdArgs):
         self.args = args
-        self.conf = parse_conf(args.conf)
+        self.conf = parse_conf(args.conf, teardown=args.command in ("DEL", "GC"))
         logs.configure(self.conf.logFile, self.conf.logLevel,
                        {"command": args.command, "containerID": args.container_id,
                         "ifname": args.ifname, **logs.pod_fields(args.args)})

@@ -42,6 +42,11 @@ class VniSet:
     def __or__(self, other: VniSet) -> VniSet:
         return VniSet(tuple(sorted(self.ranges + other.ranges)))
 
+    def __and__(self, other: VniSet) -> VniSet:
+        """The VNIs in both, as ranges."""
+        return VniSet(tuple(sorted((max(a, c), min(b, d)) for a, b in self.ranges
+                                   for c, d in other.ranges if max(a, c) <= min(b, d))))
+
     def __bool__(self) -> bool:
         return bool(self.ranges)
 

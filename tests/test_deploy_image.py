@@ -68,12 +68,20 @@ def run_container(image_name: str, kind: str, host_root: Path, env: dict[str, st
     (DirectoryOrCreate), host networking left out (the scripts need none)."""
     pod = only("DaemonSet")["spec"]["template"]["spec"]
     (container,) = pod[kind]
-    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    sources = {}
+    for volume in pod["volumes"]:
+        if "hostPath" in volume:
+            sources[volume["name"]] = host_root / volume["hostPath"]["path"].lstrip("/")
+        else:  # a ConfigMap: its data as files, as kubelet projects them
+            folder = host_root.parent / f"configmap-{volume['name']}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for key, text in only("ConfigMap", volume["configMap"]["name"])["data"].items():
+                (folder / key).write_text(text)
+            sources[volume["name"]] = folder
     mounts = []
     for mount in container["volumeMounts"]:
-        source = host_root / host_paths[mount["name"]].lstrip("/")
-        source.mkdir(parents=True, exist_ok=True)
-        mounts += ["-v", f"{source}:{mount['mountPath']}"]
+        sources[mount["name"]].mkdir(parents=True, exist_ok=True)
+        mounts += ["-v", f"{sources[mount['name']]}:{mount['mountPath']}{':ro' if mount.get('readOnly') else ''}"]
     name = f"cxit-install-{uuid.uuid4().hex[:10]}"
     try:
         proc = podman("run", "--rm", "--name", name, "--network", "none", *mounts, *extra,
@@ -122,6 +130,9 @@ def test_installer_containers_install_the_binary_and_a_kubeconfig_the_plugin_rea
     out = run_container(loaded_image, "initContainers", host, kube_env)
     installed = host / "opt/cni/bin/cxi"
     assert "installed /host/opt/cni/bin/cxi" in out, out
+    policy = host / "etc/cxi-cni/policy.json"
+    assert json.loads(policy.read_text())["vniSources"] == ["kubernetes", "config", "cniArgs"]
+    assert policy.stat().st_mode & 0o777 == 0o644 and policy.parent.stat().st_mode & 0o777 == 0o755
     assert installed.read_bytes() == Path(cxi_bin).read_bytes()
     assert installed.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in installed.parent.iterdir()) == ["cxi"], "a temporary file is left"

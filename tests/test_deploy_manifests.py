@@ -40,9 +40,9 @@ def objects(kind: str) -> list[dict]:
     return [doc for docs in load_all().values() for doc in docs if doc["kind"] == kind]
 
 
-def only(kind: str) -> dict:
-    found = objects(kind)
-    assert len(found) == 1, f"expected one {kind} in deploy/, found {len(found)}"
+def only(kind: str, name: str | None = None) -> dict:
+    found = [doc for doc in objects(kind) if name is None or doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/, found {len(found)}"
     return found[0]
 
 
@@ -126,8 +126,7 @@ def test_nad_config(nic):
 
 
 def test_flannel_patch_appends_cxi_after_flannel_and_portmap():
-    configmap = only("ConfigMap")
-    assert configmap["metadata"]["name"] == "kube-flannel-cfg"
+    configmap = only("ConfigMap", "kube-flannel-cfg")
     conflist = json.loads(configmap["data"]["cni-conf.json"])
     assert [p["type"] for p in conflist["plugins"]] == ["flannel", "portmap", "cxi"]
     assert conflist["plugins"][2]["kubeconfig"] == KUBECONFIG_ON_HOST
@@ -140,17 +139,24 @@ def installer_script(container_kind: str) -> str:
     return container["args"][0]
 
 
-def test_install_script_puts_the_binary_in_place(tmp_path):
+def test_install_script_puts_the_binary_and_the_node_policy_in_place(tmp_path):
     (tmp_path / "opt/cni/bin").mkdir(parents=True)
+    (tmp_path / "etc/cxi-cni").mkdir(parents=True, mode=0o700)
     binary = tmp_path / "image-cxi"
     binary.write_bytes(b"#!/bin/sh\necho cxi\n")
-    env = {"PATH": os.environ["PATH"], "CXI_HOST_ROOT": str(tmp_path), "CXI_BINARY": str(binary)}
-    for _ in range(2):  # a reinstall replaces the file in place
+    policy = tmp_path / "policy-from-configmap.json"
+    policy.write_text(only("ConfigMap", "cxi-cni-node-policy")["data"]["policy.json"])
+    env = {"PATH": os.environ["PATH"], "CXI_HOST_ROOT": str(tmp_path), "CXI_BINARY": str(binary),
+           "CXI_POLICY_SOURCE": str(policy)}
+    for _ in range(2):  # a reinstall replaces the files in place
         subprocess.run(["sh", "-c", installer_script("initContainers")], env=env, check=True, capture_output=True)
     installed = tmp_path / "opt/cni/bin/cxi"
     assert installed.read_bytes() == binary.read_bytes()
     assert installed.stat().st_mode & 0o777 == 0o755
     assert sorted(p.name for p in installed.parent.iterdir()) == ["cxi"]  # no temporary left behind
+    placed = tmp_path / "etc/cxi-cni/policy.json"
+    assert placed.read_text() == policy.read_text() and placed.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in placed.parent.iterdir()) == ["policy.json"]
 
 
 def test_written_kubeconfig_reaches_the_api_server(tmp_path):
@@ -181,3 +187,19 @@ def test_written_kubeconfig_reaches_the_api_server(tmp_path):
         pod = new_object("v1", "Pod", "team-a", "train-1", owner=job)
         api.add(job, pod, vni_object(job, 4100))
         assert pod_vnis(str(kubeconfig), "team-a", "train-1") == [4100]
+
+
+def test_the_node_policy_is_one_the_plugin_loads_and_keeps_tenant_sources_off(tmp_path, monkeypatch):
+    from cxi_cni.config import POLICY_VALIDATOR
+    from cxi_cni.nodepolicy import load
+
+    data = only("ConfigMap", "cxi-cni-node-policy")["data"]["policy.json"]
+    path = tmp_path / "policy.json"
+    path.write_text(data)
+    monkeypatch.setenv("CXI_CNI_POLICY", str(path))
+    policy = load(POLICY_VALIDATOR)
+    assert "args" not in policy.vniSources and not policy.podVnis and policy.allowDefaultVni is False
+    assert policy.backends == ["libcxi"] and policy.libcxi == ["libcxi.so.1"]
+    assert KUBECONFIG_ON_HOST in policy.kubeconfig
+    for _, config in nad_configs().values():
+        assert set(config["cxi"]["vniSources"]) <= set(policy.vniSources)

@@ -228,3 +228,85 @@ def test_a_pod_the_api_does_not_know_starts_without_a_service(cni, sim, netns, a
     err = cni("ADD", conf_for(sim, kubeconfig, vniPolicy="required"), netns=netns, container_id="c2",
               cni_args=pod_args(static)).error(7)
     assert "no VNI for this pod" in err["msg"]
+
+
+@pytest.fixture
+def node_policy(tmp_path):
+    """A node policy file (root's, 0644) and the environment that points the plugin at it."""
+    folder = tmp_path / "etc-cxi-cni"
+    folder.mkdir(mode=0o755)
+    path = folder / "policy.json"
+
+    def write(**keys) -> dict:
+        path.write_text(json.dumps(keys))
+        path.chmod(0o644)
+        return {"CXI_CNI_POLICY": str(path)}
+    write.path = path
+    return write
+
+
+def test_a_tenants_nad_cannot_widen_the_node_policy(cni, sim, make_netns, api, kubeconfig, node_policy):
+    """A NAD in the tenant's namespace is a network configuration the tenant wrote: it may
+    enable args, allow every VNI and name any library; the node policy holds regardless."""
+    env = node_policy(allowedVnis=["4000-4999"], podVnis=[], vniSources=["kubernetes", "config"],
+                      allowDefaultVni=False, backends=["sim"], maxServicesPerPod=1)
+    _, pod = job_pod(api, vni=4100)
+    greedy = conf_for(sim, kubeconfig, 4242, vniSources=["args", "kubernetes"], podVnis=["1-65535"],
+                      allowedVnis=["1-65535"], allowDefaultVni=True)
+    err = cni("ADD", greedy, netns=make_netns(), cni_args=pod_args(pod), env=env).error(7)
+    assert "cxi.vniSources" in err["msg"] and "'args' is not allowed by the node policy" in err["msg"]
+    nothing_made(sim)
+    err = cni("ADD", sim.conf(cxi={"vnis": [5000]}), netns=make_netns(), env=env).error(7)
+    assert "VNI 5000 is outside" in err["msg"]
+    _, other = job_pod(api, "other", vni=5100)  # a Vni the VNI service made, outside the node's range
+    result = cni("ADD", conf_for(sim, kubeconfig, allowedVnis=["1-65535"]), netns=make_netns(),
+                 cni_args=pod_args(other), env=env).ok().json
+    assert result["cxi"]["vnis"] == [] and logged(sim, "VNI 5100 is outside cxi.allowedVnis (4000-4999)")
+    netns = make_netns()
+    cni("ADD", conf_for(sim, kubeconfig), netns=netns, cni_args=pod_args(pod), env=env).ok()
+    err = cni("ADD", conf_for(sim, kubeconfig, maxServicesPerPod=8), netns=netns, ifname="net1",
+              cni_args=pod_args(pod), env=env).error(107)
+    assert "maxServicesPerPod is 1" in err["msg"]
+
+
+def test_a_nad_cannot_make_root_load_a_library_the_node_policy_does_not_list(cni, sim, netns, tmp_path,
+                                                                          node_policy):
+    env = node_policy(libcxi=["libcxi.so.1"])
+    planted = tmp_path / "planted.so"
+    planted.write_text("not even a library")
+    conf = sim.conf(cxi={"backend": "libcxi", "libcxi": str(planted)})
+    err = cni("ADD", conf, netns=netns, env=env).error(7)
+    assert "cxi.libcxi" in err["msg"] and "not allowed by the node policy" in err["msg"]
+    err = cni("DEL", conf, netns=netns, env=env).error(7)  # DEL must not load it either
+    assert "cxi.libcxi" in err["msg"]
+
+
+def test_del_removes_what_was_made_before_a_stricter_policy(cni, sim, netns, node_policy):
+    conf = sim.conf(cxi={"vnis": [2500], "vniSources": ["cniArgs", "config"]})
+    cni("ADD", conf, netns=netns).ok()
+    env = node_policy(allowedVnis=["4000-4999"], vniSources=["kubernetes", "config"])
+    cni("CHECK", conf, netns=netns, env=env).error(7)
+    cni("DEL", conf, netns=netns, env=env).ok()
+    nothing_made(sim)
+
+
+@pytest.mark.parametrize("flaw", ["writable by others", "owned by another user", "not JSON",
+                                  "unknown key", "symlink"])
+def test_a_node_policy_that_cannot_be_trusted_is_refused(cni, sim, netns, node_policy, flaw):
+    env = node_policy(allowedVnis=["100-999"])
+    path = node_policy.path
+    if flaw == "writable by others":
+        path.chmod(0o666)
+    elif flaw == "owned by another user":
+        os.chown(path, 1000, 1000)
+    elif flaw == "not JSON":
+        path.write_text("{")
+    elif flaw == "unknown key":
+        path.write_text(json.dumps({"allowedVnis": ["100-999"], "zz": 1}))
+    else:
+        target = path.with_name("real.json")
+        path.rename(target)
+        path.symlink_to(target)
+    err = cni("ADD", sim.conf(), netns=netns, env=env).error(7)
+    assert str(path) in err["msg"] and "policy" in err["details"]
+    nothing_made(sim)

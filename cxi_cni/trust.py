@@ -1,0 +1,61 @@
+"""Whether root may trust a path: every directory from `/` down is owned by root (or by
+us) and writable by nobody else, as OpenSSH's StrictModes checks a user's files. A sticky
+directory (like /tmp) counts when the entry in it is ours: others cannot move that away."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+class UntrustedPath(Exception):
+    """Someone other than root could change what the path leads to; the message says who."""
+
+
+def trusted_uids() -> set[int]:
+    return {0, os.geteuid()}
+
+
+def check_parents(path: str, what: str) -> None:
+    """The directories that lead to `path` (not `path` itself) are root's alone. `path` must
+    be absolute. UntrustedPath naming the first directory that is not."""
+    if not os.path.isabs(path):
+        raise UntrustedPath(f"{what} {path} is not an absolute path")
+    parts = os.path.normpath(path).split(os.sep)[1:]
+    current = "/"
+    for name in parts[:-1]:
+        check_dir_step(current, os.path.join(current, name), what, path)
+        current = os.path.join(current, name)
+
+
+def check_dir_step(parent: str, child: str, what: str, path: str) -> None:
+    """`parent` must be trusted to keep `child` as it is."""
+    try:
+        st = os.lstat(parent)
+    except OSError as exc:
+        raise UntrustedPath(f"{what} {path}: cannot inspect {parent}: {exc.strerror}") from None
+    uids = trusted_uids()
+    if st.st_uid not in uids:
+        raise UntrustedPath(f"{what} {path}: {parent} is owned by uid {st.st_uid}, not root; "
+                            "another user could replace what lies below it")
+    if st.st_mode & 0o022:
+        sticky_and_ours = False
+        if st.st_mode & stat.S_ISVTX:
+            try:
+                sticky_and_ours = os.lstat(child).st_uid in uids
+            except FileNotFoundError:
+                sticky_and_ours = True  # we are about to create it ourselves
+            except OSError:
+                sticky_and_ours = False
+        if not sticky_and_ours:
+            raise UntrustedPath(f"{what} {path}: {parent} is writable by others (mode "
+                                f"{stat.S_IMODE(st.st_mode):o}); another user could move "
+                                "or replace what lies below it")
+
+
+def check_file(path: str, what: str, st: os.stat_result) -> None:
+    """A file we read as root: owned by root (or us) and writable by nobody else."""
+    if st.st_uid not in trusted_uids() or st.st_mode & 0o022:
+        raise UntrustedPath(f"{what} {path} is owned by uid {st.st_uid} with mode "
+                            f"{stat.S_IMODE(st.st_mode):o}; it must be root's and writable "
+                            "by root alone")
