@@ -125,7 +125,8 @@ NETCONF_FIELDS = (
           'set logLevel to "debug", "info", "warning" or "error"'),
     Field("kubeconfig", nullable(cs.str_schema()), None),
     Field("cxi", strict_dict(CXI_FIELDS), {}),
-    Field("args", nullable(cs.dict_schema()), None),
+    Field("args", nullable(cs.dict_schema()), None,
+          'args.cni is an object, such as Multus makes of a pod\'s cni-args: {"cni": {...}}'),
     Field("runtimeConfig", nullable(cs.dict_schema()), None),
 )
 VALIDATOR = SchemaValidator(strict_dict(NETCONF_FIELDS, extra="ignore"))
@@ -188,6 +189,8 @@ def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, b
         return "ipam", "master is set but ipam is missing: the link needs addresses", False
     if conf.ipam is not None and not isinstance(conf.ipam.get("type"), str):
         return "ipam", 'ipam has no "type"', False
+    if conf.args is not None and not isinstance(conf.args.get("cni", {}), dict):
+        return "args.cni", "is not an object (Multus passes a pod's cni-args there)", True
     return None
 
 

@@ -8,8 +8,11 @@ from collections.abc import Iterator
 from .cni.errors import CniError
 from .config import parse_conf
 from .cxi.backend import BackendUnavailable, CxiError
+from .files import FileProblem
 from .invocation import open_backend
+from .logs import open_log
 from .state import AttachmentStore, StateError
+from .trust import UntrustedPath
 
 
 def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
@@ -71,11 +74,12 @@ def state_checks(conf) -> Iterator[tuple[bool, str]]:
 
 def log_check(path: str) -> tuple[bool, str]:
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        return False, f"logFile {path}: {exc.strerror}"
+        fd = open_log(path)
+    except (FileProblem, UntrustedPath) as exc:
+        return False, f"logFile: {exc}"
+    if fd is None:
+        return True, "logFile /dev/null: no log"
+    os.close(fd)
     return True, f"logFile {path}: writable"
 
 

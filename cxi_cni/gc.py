@@ -40,14 +40,16 @@ def collect(inv: Invocation, keep: set[tuple[str, str]] | None) -> dict:
 
 
 def reap_dead_namespaces(inv: Invocation, failed: list[str]) -> list[str]:
-    """Destroy every service bound to a namespace inode that nothing holds. Services are
-    listed first and live namespaces second: a namespace made after the listing cannot
-    have a service in it, so nothing alive is mistaken for dead."""
+    """Destroy every service bound to a namespace inode that nothing holds, unless a record
+    the runtime still counts as valid claims it. Services are listed first and live
+    namespaces second: a namespace made after the listing cannot have a service in it, so
+    nothing alive is mistaken for dead."""
     snapshot = bound_services(inv.backend, inv.backend.device_names())
     live = live_netns_inodes()
+    claimed = inv.store.claimed()
     reaped = []
     for svc in snapshot:
-        if svc.netns_inode in live:
+        if svc.netns_inode in live or (svc.device, svc.svc_id) in claimed:
             continue
         dev = inv.backend.open(svc.device)
         try:

@@ -12,8 +12,10 @@ from .cxi.libcxi import LibcxiBackend
 from .cxi.services import ServiceSpec
 from .cxi.sim import SimBackend
 from .errors import BACKEND_UNAVAILABLE
+from .files import FileProblem
 from .netns import Netns, NetnsInvalid, NetnsMissing
 from .state import AttachmentStore
+from .trust import UntrustedPath
 
 
 def open_backend(conf: NetConf) -> Backend:
@@ -29,9 +31,14 @@ class Invocation:
     def __init__(self, args: CmdArgs):
         self.args = args
         self.conf = parse_conf(args.conf, teardown=args.command in ("DEL", "GC"))
-        logs.configure(self.conf.logFile, self.conf.logLevel,
-                       {"command": args.command, "containerID": args.container_id,
-                        "ifname": args.ifname, **logs.pod_fields(args.args)})
+        try:
+            logs.configure(self.conf.logFile, self.conf.logLevel,
+                           {"command": args.command, "containerID": args.container_id,
+                            "ifname": args.ifname, **logs.pod_fields(args.args)})
+        except (FileProblem, UntrustedPath) as exc:
+            raise CniError(INVALID_CONFIG, f"logFile: {exc}", "point logFile at a regular file in "
+                           "a folder only root can write (default /var/log/cxi-cni.log), or at "
+                           "/dev/null for no log") from None
         self.store = AttachmentStore(self.conf.stateDir)
         self._backend: Backend | None = None
         self._netns: Netns | None = None

@@ -8,6 +8,7 @@ import binascii
 import json
 import os
 
+from .files import FileProblem, read_regular
 from .kubeapi import KubeError
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -29,13 +30,7 @@ class Access:
     def bearer_token(self) -> str | None:
         token = self.token
         if self.token_file:
-            try:
-                with open(self.token_file, encoding="utf-8") as f:
-                    token = f.read()
-            except OSError as e:
-                raise KubeError(
-                    f"cannot read the token file {self.token_file} named in {self.source}: {e.strerror}"
-                ) from None
+            token = _read_text(self.token_file, self.source)
         if token is None:
             return None
         token = token.strip()
@@ -155,12 +150,12 @@ def _pem_from(section: dict, key: str, base_dir: str, path: str, as_bytes: bool 
 
 
 def _read_text(file: str, named_in: str) -> str:
+    """A credentials file: a regular file (never a FIFO that would block), UTF-8."""
+    where = "" if file == named_in else f" (named in {named_in})"
     try:
-        with open(file, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        where = "" if file == named_in else f" (named in {named_in})"
-        raise KubeError(f"cannot read {file}{where}: {e.strerror}") from None
+        return read_regular(file, "the file").decode("utf-8")
+    except FileProblem as e:
+        raise KubeError(f"{e}{where}") from None
     except UnicodeDecodeError:
         raise KubeError(f"{file} is not UTF-8 text") from None
 

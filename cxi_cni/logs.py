@@ -7,6 +7,9 @@ import logging
 import os
 import time
 
+from .files import FileProblem, open_regular
+from .trust import check_parents
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
 
@@ -47,23 +50,44 @@ def pod_fields(cni_args: dict[str, str]) -> dict[str, str]:
     return fields
 
 
-def configure(path: str, level: str, context: dict) -> bool:
-    """Send the package's log records to `path`; False (and no logging) if it can't be opened."""
+class QuietHandler(logging.StreamHandler):
+    """Writes records to the log file; a write that fails (a full disk) is dropped, never
+    printed: stderr and the outcome of the command are not the log's to change."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass
+
+
+def open_log(path: str) -> int | None:
+    """An fd appending to the log file, None for /dev/null. FileProblem or UntrustedPath when
+    root must not write there: a FIFO or device (it would block or fail), a symlink as
+    the last component, a directory above it that another user could change."""
+    if path == os.devnull:
+        return None
+    check_parents(path, "logFile")
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise FileProblem(f"cannot create the folder of logFile {path}: {exc.strerror}") from None
+    return open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "logFile", follow=False,
+                        mode=0o640)
+
+
+def configure(path: str, level: str, context: dict) -> None:
+    """Send the package's log records to `path` (FileProblem, UntrustedPath: see open_log)."""
     root = logging.getLogger("cxi_cni")
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     root.propagate = False
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        handler = logging.FileHandler(path, encoding="utf-8")
-    except OSError:
+    fd = open_log(path)
+    if fd is None:
         root.addHandler(logging.NullHandler())
-        return False
+        return
+    handler = QuietHandler(os.fdopen(fd, "a", encoding="utf-8"))
     handler.setFormatter(JsonLines(context))
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level, logging.INFO))
-    return True
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields) -> None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import re
 from contextlib import contextmanager
 
 NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
 CLONE_NEWNET = 0x40000000
 NETNS_DIRS = ("/run/netns", "/var/run/netns")
 OWN_NETNS = "/proc/self/ns/net"
+MOUNT_ESCAPE = re.compile(rb"\\([0-7]{3})")
 
 
 class NetnsMissing(Exception):
@@ -133,16 +135,22 @@ def live_netns_inodes() -> set[int]:
 
 
 def nsfs_mount_points() -> list[str]:
+    """Where namespace files are bind-mounted. mountinfo gives raw bytes (any encoding)
+    with space, tab, newline and backslash written as octal escapes."""
     points = []
     try:
-        with open("/proc/self/mountinfo") as fh:
+        with open("/proc/self/mountinfo", "rb") as fh:
             for line in fh:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "nsfs":
-                    points.append(left.split(" ")[4].encode().decode("unicode_escape"))
+                left, _, right = line.partition(b" - ")
+                if right.split(b" ", 1)[0] == b"nsfs":
+                    points.append(os.fsdecode(unescape_mount_path(left.split(b" ")[4])))
     except OSError:
         pass
     return points
+
+
+def unescape_mount_path(raw: bytes) -> bytes:
+    return MOUNT_ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), raw)
 
 
 def named_netns_paths() -> list[str]:

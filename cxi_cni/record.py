@@ -110,11 +110,13 @@ class AttachmentRecord:
         if not (isinstance(container_id, str) and container_id and isinstance(ifname, str) and ifname):
             raise RecordDamaged("it lacks containerID or ifname")
         inode = data.get("netnsInode")
+        if not isinstance(inode, int) or isinstance(inode, bool):
+            raise RecordDamaged("it lacks netnsInode")
         allocating = data.get("allocating")
         pod = data.get("pod")
         return cls(
             container_id=container_id, ifname=ifname, netns=str(data.get("netns") or ""),
-            netns_inode=inode if isinstance(inode, int) and not isinstance(inode, bool) else 0,
+            netns_inode=inode,
             vnis=tuple(v for v in data.get("vnis") or () if isinstance(v, int)),
             tcs=tuple(str(t) for t in data.get("tcs") or ()),
             devices=[str(d) for d in data.get("devices") or ()],

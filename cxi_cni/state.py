@@ -12,6 +12,7 @@ import stat
 import time
 
 from .record import AttachmentRecord
+from .trust import UntrustedPath, check_parents
 
 
 class StateError(Exception):
@@ -53,6 +54,12 @@ class AttachmentStore:
         self.locks = os.path.join(directory, "locks")
 
     def ensure(self) -> None:
+        """The directories exist, and nobody but root can change them or what leads to
+        them (as OpenSSH's StrictModes: every directory from / down)."""
+        try:
+            check_parents(self.directory, "stateDir")
+        except UntrustedPath as exc:
+            raise StateError(str(exc)) from None
         for path in (self.directory, self.locks):
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
@@ -61,7 +68,10 @@ class AttachmentStore:
             self._check_dir(path)
 
     def _check_dir(self, path: str) -> None:
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise StateError(f"cannot inspect state directory {path}: {exc.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
             raise StateError(f"state directory {path} is a symlink; refusing to follow it")
         if not stat.S_ISDIR(st.st_mode):
@@ -84,7 +94,10 @@ class AttachmentStore:
         path = os.path.join(self.locks, attachment_key(container_id, ifname))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise StateError(f"cannot create lock file {path}: {exc.strerror}") from None
             try:
                 flock_until(fd, deadline)
             except AttachmentBusy:
@@ -102,7 +115,7 @@ class AttachmentStore:
         finally:
             try:
                 if not os.path.exists(self.path(container_id, ifname)):
-                    with contextlib.suppress(FileNotFoundError):
+                    with contextlib.suppress(OSError):  # gone already, or a read-only dir
                         os.unlink(path)
             finally:
                 os.close(fd)
@@ -124,13 +137,16 @@ class AttachmentStore:
 
     def _read(self, path: str) -> AttachmentRecord | None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StateError(f"cannot open state record {path}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as fh:
-            raw = fh.read()
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            raise StateError(f"cannot read state record {path}: {exc.strerror}") from None
         try:
             return AttachmentRecord.from_json(json.loads(raw))
         except (ValueError, RecursionError) as exc:  # RecordDamaged is a ValueError
@@ -159,8 +175,13 @@ class AttachmentStore:
 
     def remove(self, container_id: str, ifname: str) -> None:
         """Remove the record (its lock file goes when the lock is left)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(container_id, ifname))
+        path = self.path(container_id, ifname)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot remove state record {path}: {exc.strerror}") from None
 
     def claimed(self, records: list[AttachmentRecord] | None = None) -> set[tuple[str, int]]:
         """(device, svc_id) of every service some record claims."""
@@ -173,6 +194,8 @@ class AttachmentStore:
             names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StateError(f"cannot list state directory {self.directory}: {exc.strerror}") from None
         records = []
         for name in names:
             try:

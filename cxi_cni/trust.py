@@ -17,15 +17,21 @@ def trusted_uids() -> set[int]:
 
 
 def check_parents(path: str, what: str) -> None:
-    """The directories that lead to `path` (not `path` itself) are root's alone. `path` must
-    be absolute. UntrustedPath naming the first directory that is not."""
+    """The directories that lead to `path` (not `path` itself) are root's alone, as far as
+    they exist. `path` must be absolute. UntrustedPath naming the first directory that is
+    not. A symlink among them is followed only if it is root's in a directory of root's."""
     if not os.path.isabs(path):
         raise UntrustedPath(f"{what} {path} is not an absolute path")
     parts = os.path.normpath(path).split(os.sep)[1:]
     current = "/"
-    for name in parts[:-1]:
+    for name in parts:
+        if not os.path.lexists(current):
+            return  # the rest does not exist yet: we, root, are about to make it
         check_dir_step(current, os.path.join(current, name), what, path)
         current = os.path.join(current, name)
+    real = os.path.realpath(os.path.dirname(os.path.normpath(path)))
+    if real != os.path.dirname(os.path.normpath(path)):  # symlinks on the way: their targets too
+        check_parents(os.path.join(real, parts[-1]), what)
 
 
 def check_dir_step(parent: str, child: str, what: str, path: str) -> None:
@@ -35,6 +41,8 @@ def check_dir_step(parent: str, child: str, what: str, path: str) -> None:
     except OSError as exc:
         raise UntrustedPath(f"{what} {path}: cannot inspect {parent}: {exc.strerror}") from None
     uids = trusted_uids()
+    if stat.S_ISLNK(st.st_mode) and st.st_uid in uids:
+        return  # root's symlink in a folder of root's: its target is checked on its own
     if st.st_uid not in uids:
         raise UntrustedPath(f"{what} {path}: {parent} is owned by uid {st.st_uid}, not root; "
                             "another user could replace what lies below it")

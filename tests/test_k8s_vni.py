@@ -262,7 +262,7 @@ def test_no_kubeconfig_outside_a_pod(monkeypatch):
 
 def test_bad_kubeconfigs_name_the_file_and_the_key(api, pki, tmp_path):
     missing = tmp_path / "absent.kubeconfig"
-    with pytest.raises(KubeError, match=f"cannot read {missing}"):
+    with pytest.raises(KubeError, match=f"cannot open the file {missing}: No such file"):
         pod_vnis(str(missing), NS, "p")
 
     broken = tmp_path / "broken.kubeconfig"

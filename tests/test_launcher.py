@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import reliability
 from cnitool import CniRun, run_cni
+from mountns import MountNamespace
 from shipped import Launched
 
 KILL_ENV = "CXI_CNI_DEBUG_KILL_AT"
@@ -32,41 +33,13 @@ LAUNCHER_FAILURE = 106
 TRY_AGAIN_LATER = 11
 
 
-class MountNamespace:
-    """A private mount namespace held open by a sleeping process. Commands run in it through
-    nsenter; Python reads its files through /proc/PID/root. Mounts made in it never reach the
-    host and vanish with its last process."""
+class LauncherNamespace(MountNamespace):
+    """A mount namespace with Debian's and Ubuntu's noexec /run and a private /var/lib (so the
+    fallback folder is ours), and the launcher's bin dirs and lock."""
 
     def __init__(self):
-        self.holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
-                                        "sleep", "infinity"])
-        self.children: list[subprocess.Popen] = []
-        self.locks: list = []
-        deadline = time.monotonic() + 10
-        while os.readlink(f"/proc/{self.holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
-            assert time.monotonic() < deadline, "unshare did not make a mount namespace"
-            time.sleep(0.01)
-        self.enter = (shutil.which("nsenter"), "-t", str(self.holder.pid), "-m", "--")
-        # Debian's and Ubuntu's /run; a private /var/lib, so the fallback folder is ours.
-        self.sh("mount -t tmpfs -o nodev,noexec,nosuid,size=16m tmpfs /run && "
-                "mount -t tmpfs -o size=64m tmpfs /var/lib")
-
-    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*self.enter, "sh", "-c", script], capture_output=True, text=True)
-        assert not check or proc.returncode == 0, f"{script}: {proc.stderr}"
-        return proc
-
-    def spawn(self, script: str, **kw) -> subprocess.Popen:
-        """A process in the namespace that lives until the test ends (or is stopped)."""
-        child = subprocess.Popen([*self.enter, "sh", "-c", script], **kw)
-        self.children.append(child)
-        return child
-
-    def view(self, path: str | Path) -> Path:
-        return Path(f"/proc/{self.holder.pid}/root{path}")
-
-    def names(self, folder: str | Path) -> list[str]:
-        return sorted(os.listdir(self.view(folder)))
+        super().__init__("mount -t tmpfs -o nodev,noexec,nosuid,size=16m tmpfs /run && "
+                         "mount -t tmpfs -o size=64m tmpfs /var/lib")
 
     def bin_dir(self, path: Path, binary: str, size: int = 96 * MiB, options: str = "") -> str:
         """A tmpfs at path (a host folder that stays empty) holding a copy of binary."""
@@ -75,32 +48,19 @@ class MountNamespace:
         return f"{path}/cxi"
 
     def cni(self, binary: str, command: str = "VERSION", conf=None, **kw) -> CniRun:
-        return run_cni(binary, command, VERSION_CONF if conf is None else conf,
-                       prefix=self.enter, **kw)
-
-    def admin(self, binary: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.enter, binary, *args], capture_output=True, text=True,
-                              env={"PATH": os.environ["PATH"], **(env or {})}, timeout=60)
+        return super().cni(binary, command, VERSION_CONF if conf is None else conf, **kw)
 
     def hold_lock(self, folder: Path):
         """Take the launcher's lock of a bin dir, as a run that unpacks would."""
         lock = open(self.view(folder) / ".cxi.lock", "a")
         fcntl.flock(lock, fcntl.LOCK_EX)
-        self.locks.append(lock)
+        self.closing.append(lock)
         return lock
-
-    def close(self):
-        for lock in self.locks:
-            lock.close()
-        for proc in [*self.children, self.holder]:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
 def ns():
-    space = MountNamespace()
+    space = LauncherNamespace()
     yield space
     space.close()
 
@@ -115,7 +75,7 @@ def version_ok(run: CniRun) -> None:
     assert run.json["supportedVersions"][-1] == "1.1.0", run.stdout
 
 
-def copies(ns: MountNamespace, folder: str) -> list[str]:
+def copies(ns: LauncherNamespace, folder: str) -> list[str]:
     """The launcher's folders in a directory: unpacked copies and temporary folders."""
     return [name for name in ns.names(folder) if name.startswith(".cxi-")]
 
@@ -187,7 +147,7 @@ def test_incomplete_folder_is_replaced(ns, cxi_bin, launched, tmp_path):
     assert copies(ns, folder) == [launched.folder]
 
 
-def start_version_run(ns: MountNamespace, tree: str) -> subprocess.Popen:
+def start_version_run(ns: LauncherNamespace, tree: str) -> subprocess.Popen:
     """The program of an unpacked tree, running: VERSION waits for its stdin to close."""
     return ns.spawn(f"cd {tree} && CNI_COMMAND=VERSION exec ./cxi", stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -37,8 +37,10 @@ REQUIRED_ENV = {
 MIN_VERSION = {"STATUS": "1.1.0", "GC": "1.1.0"}
 
 CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-IFNAME_BAD_CHARS = re.compile(r"[/:\s]")
+# What the kernel refuses in a link name, and '%', which it takes as a name template (net%d).
+IFNAME_BAD_CHARS = re.compile(r"[/:%\s]")
 MAX_STDIN = 16 * 1024 * 1024
+MAX_DEPTH = 64  # network configurations and results are a few levels deep
 
 
 class Plugin(Protocol):
@@ -86,7 +88,7 @@ def check_env(command: str, env: dict[str, str]) -> None:
     if ifname and (len(ifname) > 15 or ifname in (".", "..") or IFNAME_BAD_CHARS.search(ifname)):
         raise env_error(
             "CNI_IFNAME", f"{ifname[:64]!r} is not a valid interface name",
-            "use at most 15 characters, none of '/', ':' or white space, not '.' or '..'",
+            "use at most 15 characters, none of '/', ':', '%' or white space, not '.' or '..'",
         )
     netns = env.get("CNI_NETNS", "")
     if netns and not netns.startswith("/"):
@@ -115,7 +117,25 @@ def decode_conf(data: bytes) -> dict:
     if not isinstance(conf, dict):
         raise CniError(DECODE_FAILURE, "the network configuration is not a JSON object",
                        "stdin must hold one JSON object")
+    if nesting(conf) > MAX_DEPTH:
+        raise CniError(DECODE_FAILURE, f"the network configuration is nested deeper than "
+                       f"{MAX_DEPTH} levels", "stdin must hold one network configuration")
     return conf
+
+
+def nesting(value) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    return depth + 1
+                stack.append((child, depth + 1))
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def version_info(data: bytes) -> dict:
@@ -145,6 +165,8 @@ def build_args(command: str, env: dict[str, str], conf: dict, version: str) -> C
                        f"the configuration says {version}", f"set cniVersion to {minimum}")
     check_env(command, env)
     prev = conf.get("prevResult")
+    if isinstance(prev, dict):
+        cniversion.check_result(prev)
     return CmdArgs(
         command=command,
         container_id=env.get("CNI_CONTAINERID", ""),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .errors import INCOMPATIBLE_VERSION, CniError
+import ipaddress
+
+from .errors import INCOMPATIBLE_VERSION, INVALID_CONFIG, CniError
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = SUPPORTED_VERSIONS[-1]
@@ -33,6 +35,47 @@ def require_supported(version: str) -> str:
 
 def at_least(version: str, minimum: str) -> bool:
     return parse(version) >= parse(minimum)
+
+
+# Keys of a result whose shape the spec fixes: each a list of objects with these string keys.
+RESULT_LISTS = {"interfaces": ("name", "mac", "sandbox"), "ips": ("address", "gateway"),
+                "routes": ("dst", "gw")}
+
+
+def check_result(result: dict, where: str = "prevResult") -> None:
+    """A result shaped as the spec says (what the plugin reads of it and passes on); a
+    CniError naming the first field that is not, before anything is made."""
+    def bad(path: str, problem: str) -> CniError:
+        return CniError(INVALID_CONFIG, f"{where}.{path} {problem}",
+                        "the runtime must pass the previous plugin's result as the CNI spec "
+                        "shapes it")
+
+    for key, strings in RESULT_LISTS.items():
+        entries = result.get(key)
+        if entries is None:
+            continue
+        if not isinstance(entries, list):
+            raise bad(key, "is not a list")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise bad(f"{key}[{i}]", "is not an object")
+            for name in strings:
+                if name in entry and not isinstance(entry[name], str):
+                    raise bad(f"{key}[{i}].{name}", "is not a string")
+            if "interface" in entry and (isinstance(entry["interface"], bool)
+                                         or not isinstance(entry["interface"], int)):
+                raise bad(f"{key}[{i}].interface", "is not an integer")
+            parse = {"address": ipaddress.ip_interface, "dst": ipaddress.ip_network,
+                     "gateway": ipaddress.ip_address, "gw": ipaddress.ip_address}
+            for name, parser in parse.items():
+                if name in entry:
+                    try:
+                        parser(entry[name]) if name != "dst" else parser(entry[name], strict=False)
+                    except ValueError:
+                        raise bad(f"{key}[{i}].{name}", f"{entry[name][:64]!r} is not an IP "
+                                  f"{'network' if name == 'dst' else 'address'}") from None
+    if "dns" in result and not isinstance(result["dns"], dict):
+        raise bad("dns", "is not an object")
 
 
 def normalize_result(result: dict | None) -> dict:
