@@ -9,9 +9,13 @@ import os
 import subprocess
 
 from .cni.args import CmdArgs
-from .cni.errors import INVALID_CONFIG, CniError
+from .cni.errors import INVALID_CONFIG, TRY_AGAIN_LATER, CniError
 from .cni.version import normalize_result
 from .errors import IPAM_FAILURE
+
+# The delegated IPAM plugin gets this long (whereabouts asks the API server); a plugin that
+# hangs must not hold the pod's ADD past the runtime's own timeout.
+IPAM_TIMEOUT = float(os.environ.get("CXI_CNI_DEBUG_IPAM_TIMEOUT") or 60)
 
 
 def find_plugin(ipam_type: str, cni_path: list[str]) -> str:
@@ -51,7 +55,11 @@ def run(command: str, args: CmdArgs, stdin: dict | None = None) -> dict | None:
     payload = json.dumps(args.conf if stdin is None else stdin).encode()
     try:
         proc = subprocess.run([binary], input=payload, capture_output=True,
-                              env=delegate_env(args, command), close_fds=True)
+                              env=delegate_env(args, command), close_fds=True, timeout=IPAM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise CniError(TRY_AGAIN_LATER, f"{ipam_type}: {command} did not answer within "
+                       f"{IPAM_TIMEOUT:.0f} s", f"see the {ipam_type} plugin's own logs; the "
+                       "runtime will retry") from None
     except OSError as exc:
         raise CniError(IPAM_FAILURE, f"{ipam_type}: cannot run {binary}: {exc.strerror}",
                        "check that the IPAM plugin is an executable for this node") from None

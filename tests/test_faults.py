@@ -324,3 +324,19 @@ def test_log_file_on_a_folder_that_does_not_exist_yet_is_made(cni, sim, netns, t
     cni("ADD", sim.conf(logFile=str(log)), netns=netns).ok()
     assert json.loads(log.read_text().splitlines()[-1])["command"] == "ADD"
     assert Path(log).stat().st_mode & 0o777 == 0o640
+
+
+def test_an_ipam_plugin_that_hangs_is_cut_off_and_undone(cni, sim, tmp_path, netns, make_veth):
+    plugins = tmp_path / "cni-bin"
+    plugins.mkdir()
+    hanging = plugins / "host-local"
+    hanging.write_text("#!/bin/sh\nexec sleep 300\n")
+    hanging.chmod(0o755)
+    conf = macvlan(sim, tmp_path, make_veth())
+    started = time.monotonic()
+    err = cni("ADD", conf, netns=netns, cni_path=str(plugins), timeout=HANG_LIMIT,
+              env={"CXI_CNI_DEBUG_IPAM_TIMEOUT": "1"}).error(11)
+    assert "did not answer within 1 s" in err["msg"] and time.monotonic() - started < 10
+    assert len(sh("ip", "-n", os.path.basename(netns), "-o", "link").stdout.splitlines()) == 1  # lo only
+    nothing_made(sim)
+    assert sh("pgrep", "-f", f"{hanging}", check=False).returncode != 0, "the IPAM plugin still runs"
