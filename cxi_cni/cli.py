@@ -140,13 +140,14 @@ def gc(config_path, valid, cni_path):
     sys.exit(1 if report["failures"] else 0)
 
 
-@cli.command(help="Check that this node can serve ADD: backend, devices, state, logging.")
+@cli.command(help="Check that this node can serve ADD: backend, devices, state, logging, the "
+             "node policy, the Kubernetes API and its RBAC.")
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 def doctor(config_path):
     failed = 0
     for ok, line in run_checks(load_plugin_conf(config_path)):
-        click.echo(("ok    " if ok else "FAIL  ") + line)
-        failed += not ok
+        click.echo({True: "ok    ", None: "warn  ", False: "FAIL  "}[ok] + line)
+        failed += ok is False
     click.echo("doctor: all checks passed" if not failed else f"doctor: {failed} check(s) failed")
     sys.exit(1 if failed else 0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 from .cni.errors import CniError
@@ -10,9 +11,16 @@ from .config import parse_conf
 from .cxi.backend import BackendUnavailable, CxiError
 from .files import FileProblem
 from .invocation import open_backend
+from .k8s import READS
+from .kubeapi import ApiClient, KubeError, KubeUnavailable
+from .kubeconfig import load_access
 from .logs import open_log
+from .nodepolicy import policy_path
 from .state import AttachmentStore, StateError
 from .trust import UntrustedPath
+
+KUBE_CHECK_SECONDS = 10.0
+ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 
 
 def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
@@ -26,6 +34,8 @@ def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
     yield from backend_checks(conf)
     yield from state_checks(conf)
     yield log_check(conf.logFile)
+    yield policy_check(conf)
+    yield from kube_checks(conf)
     if conf.master:
         yield master_check(conf.master)
 
@@ -93,3 +103,54 @@ def master_check(master: str) -> tuple[bool, str]:
     except OSError:
         state = "unknown"
     return state in ("up", "unknown"), f"master {master}: operstate {state}"
+
+
+def policy_check(conf) -> tuple[bool | None, str]:
+    policy = conf.node_policy
+    if policy is None:
+        return None, (f"node policy: none at {policy_path()}; every network configuration (a "
+                      "tenant's NAD too) is trusted as the admin's (SECURITY.md)")
+    bounds = {key: getattr(policy, key) for key in ("allowedVnis", "podVnis", "vniSources",
+              "allowDefaultVni", "maxServicesPerPod", "backends", "libcxi", "kubeconfig")}
+    shown = ", ".join(f"{k} {v}" for k, v in bounds.items() if v is not None) or "no bounds"
+    return True, f"node policy {policy.path}: {shown}"
+
+
+def kube_checks(conf) -> Iterator[tuple[bool | None, str]]:
+    """The kubeconfig loads, the API server answers, and RBAC lets the plugin read what a
+    VNI lookup reads."""
+    if "kubernetes" not in conf.cxi.vniSources:
+        yield True, "kubernetes: not among cxi.vniSources, no lookups"
+        return
+    if not conf.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        yield None, "kubernetes: no kubeconfig set, so no pod gets its job's Vni (set kubeconfig)"
+        return
+    try:
+        access = load_access(conf.kubeconfig)
+        login = ("a client certificate" if access.client_cert_pem else
+                 f"the token file {access.token_file}" if access.token_file else "a token")
+        yield True, f"kubeconfig {access.source}: server {access.server}, logs in with {login}"
+        api = ApiClient(access, deadline=time.monotonic() + KUBE_CHECK_SECONDS)
+        try:
+            version = (api.get("/version") or {}).get("gitVersion", "unknown version")
+            yield True, f"API server {access.server}: reachable ({version})"
+            denied = [named(group, resource) for group, resource in READS
+                      if not allowed(api, group, resource)]
+        finally:
+            api.close()
+    except (KubeError, KubeUnavailable) as exc:
+        yield False, f"kubernetes: {exc}"
+        return
+    yield (not denied), ("RBAC: may get " + ", ".join(named(g, r) for g, r in READS) if not denied
+                         else f"RBAC: may not get {', '.join(denied)}; grant it in deploy/rbac.yaml")
+
+
+def named(group: str, resource: str) -> str:
+    return f"{resource}.{group}" if group else resource
+
+
+def allowed(api: ApiClient, group: str, resource: str) -> bool:
+    review = api.post(ACCESS_REVIEWS, {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {"verb": "get", "group": group, "resource": resource}}})
+    return bool(((review or {}).get("status") or {}).get("allowed"))

@@ -35,6 +35,12 @@ WALKABLE_OWNERS = {
 }
 
 
+# Every (API group, resource) the plugin reads: the RBAC of deploy/rbac.yaml must grant get.
+READS = (("", "pods"), ("", "namespaces"), ("horizon-opencube.eu", "vnis"),
+         *sorted({(api_version.rpartition("/")[0], plural)
+                  for (api_version, _), plural in WALKABLE_OWNERS.items()}))
+
+
 class PodReplaced(KubeError):
     """The API's pod of that name has another UID than the runtime's sandbox: the pod was
     deleted and made again while the old sandbox was being set up."""

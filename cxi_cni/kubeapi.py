@@ -82,11 +82,18 @@ class ApiClient:
 
     def get(self, path: str) -> dict | None:
         """The object at `path`, or None on 404. Raises KubeError or KubeUnavailable."""
+        return self.call("GET", path)
+
+    def post(self, path: str, obj: dict) -> dict | None:
+        """POST `obj` as JSON (a review the server answers in its status)."""
+        return self.call("POST", path, json.dumps(obj).encode())
+
+    def call(self, method: str, path: str, payload: bytes | None = None) -> dict | None:
         import http.client
         import ssl
 
         try:
-            status, body = self._request(path)
+            status, body = self._request(method, path, payload)
         except ssl.SSLCertVerificationError as e:
             raise KubeError(
                 f"TLS verification of {self.access.server} failed ({e.verify_message}): "
@@ -103,7 +110,7 @@ class ApiClient:
             self.close()
             reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or type(e).__name__)
             raise KubeUnavailable(f"cannot reach the API server at {self.access.server}: {reason}") from None
-        if status == 200:
+        if status in (200, 201):
             return self._decode(body, path)
         if status == 404:
             return None
@@ -115,22 +122,25 @@ class ApiClient:
             )
         if status == 403:
             raise KubeError(
-                f"the API server forbids GET {path} (403: {message}): grant it in the ClusterRole of deploy/rbac.yaml"
+                f"the API server forbids {method} {path} (403: {message}): "
+                "grant it in the ClusterRole of deploy/rbac.yaml"
             )
         if status == 429 or status >= 500:
-            raise KubeUnavailable(f"the API server at {self.access.server} answered {status} for GET {path}: {message}")
-        raise KubeError(f"the API server answered {status} for GET {path}: {message}")
+            raise KubeUnavailable(f"the API server at {self.access.server} answered {status} for "
+                                  f"{method} {path}: {message}")
+        raise KubeError(f"the API server answered {status} for {method} {path}: {message}")
 
-    def _request(self, path: str) -> tuple[int, bytes]:
+    def _request(self, method: str, path: str, payload: bytes | None = None) -> tuple[int, bytes]:
         target = self.base_path + quote(path)
+        headers = {**self.headers, "Content-Type": "application/json"} if payload is not None else self.headers
         while True:
             reused = self.conn is not None
             if not reused:
                 self.conn = self._open()
             try:
                 sock = self.conn.sock  # kept: http.client drops it from conn when the server says close
-                sock.settimeout(self._remaining(f"GET {path}"))
-                self.conn.request("GET", target, headers=self.headers)
+                sock.settimeout(self._remaining(f"{method} {path}"))
+                self.conn.request(method, target, body=payload, headers=headers)
                 response = self.conn.getresponse()
                 body = self._read_body(response, sock, path)
                 if response.will_close:

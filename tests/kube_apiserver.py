@@ -37,6 +37,7 @@ RESOURCES = {
 }
 PLURALS = {(gv, kind): plural for (gv, plural), kind in RESOURCES.items()}
 OBJECT_PATH = re.compile(r"^/(?:api/(v1)|apis/([^/]+/[^/]+))/namespaces/([^/]+)/([^/]+)/([^/]+)$")
+SSAR_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 NAMESPACE_PATH = re.compile(r"^/api/(v1)/(namespaces)/([^/]+)$")  # the one cluster-scoped kind
 
 
@@ -190,11 +191,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        self._reply(None)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self._reply(json.loads(self.rfile.read(length) or b"null"))
+
+    def _reply(self, posted) -> None:
         api = self.server.api
-        api.requests.append(self.path)
+        api.requests.append(self.path if posted is None else f"POST {self.path}")
         if api.delay and api.stopping.wait(api.delay):
             return
-        code, body = api.answer(self.path, self.headers.get("Authorization", ""), self.connection.getpeercert())
+        authorization, cert = self.headers.get("Authorization", ""), self.connection.getpeercert()
+        if posted is None:
+            code, body = api.answer(self.path, authorization, cert)
+        else:
+            code, body = api.review(self.path, posted, authorization, cert)
         payload = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -297,6 +309,8 @@ class KubeApiServer:
             return 401, status_object(401, "Unauthorized", "Unauthorized")
         if self.fail_status is not None:
             return self.fail_status, status_object(self.fail_status, "InternalError", "etcdserver: request timed out")
+        if path == "/version":
+            return 200, {"major": "1", "minor": "30", "gitVersion": "v1.30.2-test"}
         match = OBJECT_PATH.match(path)
         if match is not None and (match[1] or match[2], match[4]) in RESOURCES:
             group_version, namespace, plural, name = match[1] or match[2], match[3], match[4], match[5]
@@ -318,6 +332,17 @@ class KubeApiServer:
             resource = f"{plural}.{group}" if group else plural
             return 404, status_object(404, "NotFound", f'{resource} "{name}" not found', details)
         return 200, obj
+
+    def review(self, path: str, review, authorization: str, peer_cert: dict | None) -> tuple[int, dict]:
+        """POST of a SelfSubjectAccessReview: allowed unless the resource is forbidden."""
+        if not self._authenticated(authorization, peer_cert):
+            return 401, status_object(401, "Unauthorized", "Unauthorized")
+        if path != SSAR_PATH or not isinstance(review, dict):
+            return 404, status_object(404, "NotFound", "the server could not find the requested resource", {})
+        attributes = (review.get("spec") or {}).get("resourceAttributes") or {}
+        allowed = attributes.get("verb") == "get" and attributes.get("resource") not in self.forbidden
+        reason = "" if allowed else f'RBAC: no rule grants get on {attributes.get("resource")}'
+        return 201, {**review, "status": {"allowed": allowed, **({"reason": reason} if reason else {})}}
 
     def _authenticated(self, authorization: str, peer_cert: dict | None) -> bool:
         scheme, _, token = authorization.partition(" ")

@@ -11,23 +11,13 @@ import pytest
 import yaml
 from kube_apiserver import KubeApiServer, make_pki, new_object, vni_object
 
-from cxi_cni.k8s import pod_vnis
+from cxi_cni.k8s import READS, pod_vnis
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 KUBECONFIG_ON_HOST = "/etc/cni/net.d/cxi.d/cxi.kubeconfig"
 READ_ONLY_VERBS = {"get", "list", "watch"}
 # (API group, resource) the plugin reads while walking a pod's owners to its Vni.
-NEEDED_READS = {
-    ("", "pods"),
-    ("", "namespaces"),  # the cxi-cni/pod-vnis annotation
-    ("apps", "replicasets"),
-    ("apps", "deployments"),
-    ("apps", "daemonsets"),
-    ("batch", "jobs"),
-    ("batch.volcano.sh", "jobs"),
-    ("horizon-opencube.eu", "vnis"),
-    ("horizon-opencube.eu", "vniclaims"),
-}
+NEEDED_READS = set(READS) | {("horizon-opencube.eu", "vniclaims")}
 
 
 def load_all() -> dict[Path, list[dict]]:
