@@ -4,10 +4,15 @@ through a last symlink."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
 import stat
+
+AT_FDCWD = -100
+RENAME_EXCHANGE = 1 << 1
+_libc = None
 
 
 class FileProblem(Exception):
@@ -67,3 +72,22 @@ def describe(mode: int) -> str:
         if test(mode):
             return name
     return "not a plain file"
+
+
+def replace_file(new: str, path: str) -> None:
+    """Put the file `new` in the place of `path` atomically: readers see the old file or the
+    new one, never neither. An existing `path` is swapped with renameat2(RENAME_EXCHANGE)
+    and the old file unlinked, because ext4 flushes the new file's data to disk before a
+    rename that replaces a file (auto_da_alloc): 0.2-3 ms per record write on a busy node,
+    for a durability a record does not need (a node that loses power loses its pods)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(path), RENAME_EXCHANGE) == 0:
+        os.unlink(new)
+        return
+    err = ctypes.get_errno()
+    if err in (errno.ENOENT, errno.EINVAL, errno.ENOSYS):  # no file there yet, or no exchange here
+        os.replace(new, path)
+        return
+    raise OSError(err, os.strerror(err), path)

@@ -39,20 +39,19 @@ class CxiPlugin:
                 if previous:
                     log.warning("ADD for an attachment that exists; removing what it had first")
                     remove_attachment(inv, previous)
+                # The intent, before anything exists: the link to make, the first device to
+                # allocate on. Each alloc is recorded right after it (one write per device).
+                link = PodLink.plan(inv.conf, args, netns) if inv.conf.master else None
                 record = AttachmentRecord(args.container_id, args.ifname, netns.path, netns.inode,
                                           spec.vnis, tuple(sorted(spec.tcs)), devices,
+                                          link=link.record if link else None,
+                                          allocating=devices[0] if devices else None,
                                           pod=logs.pod_fields(args.args))
                 inv.store.save(record)
                 faults.point("after-record")
                 with ExitStack() as undo:
                     undo.callback(inv.store.remove, args.container_id, args.ifname)
-                    ours = {}
-                    if inv.conf.master:
-                        link = PodLink.plan(inv.conf, args, netns)
-                        record.link = link.record
-                        inv.store.save(record)  # the intent, before the link exists
-                        ours = link.make(inv.conf, args, netns, undo)
-                        inv.store.save(record)
+                    ours = link.make(inv.conf, args, netns, undo) if link else {}
                     bindings = self._bind(inv, record, spec, undo)
                     result = merge_results(args.prev_result, ours)
                     result["cxi"] = {"netnsInode": netns.inode, "vnis": list(spec.vnis),
@@ -69,13 +68,16 @@ class CxiPlugin:
     @staticmethod
     def _bind(inv: Invocation, record: AttachmentRecord, spec, undo: ExitStack) -> list[Binding]:
         """With the pod's namespace locked: reap what a dead namespace left on its inode,
-        check the pod's share of each NIC, then make the services, each recorded before its
-        alloc (intent) and after it (id); if a later step of ADD fails, `undo` destroys them."""
+        check the pod's share of each NIC, then make the services. The record names the
+        device of each alloc before it happens and the id right after, together with the
+        next device; if a later step of ADD fails, `undo` destroys them."""
 
         def made(binding: Binding | None, device: str) -> None:
-            record.allocating = None if binding else device
-            if binding:
-                record.services.append(binding)
+            if binding is None:  # the intent is recorded already (first device) or below
+                return
+            record.services.append(binding)
+            following = record.devices[record.devices.index(device) + 1:]
+            record.allocating = following[0] if following else None
             inv.store.save(record)
 
         with inv.store.namespace_lock(inv.netns().fd):

@@ -11,6 +11,7 @@ import os
 import stat
 import time
 
+from .files import replace_file
 from .record import AttachmentRecord
 from .trust import UntrustedPath, check_parents
 
@@ -167,7 +168,7 @@ class AttachmentStore:
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            replace_file(tmp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
