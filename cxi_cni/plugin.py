@@ -180,9 +180,9 @@ def check_share(inv: Invocation, record: AttachmentRecord, held: dict[str, list[
     cap = inv.conf.cxi.maxServicesPerPod
     for device in record.devices:
         if len(held.get(device, ())) + 1 > cap:
-            owners = sorted(f"{r.container_id[:12]}/{r.ifname}" for r in inv.store.all()
-                            if r.netns_inode == record.netns_inode and r.key != record.key
-                            and any(b.device == device for b in r.services))
+            owners = sorted(f"{r.container_id[:12]}/{r.ifname}"
+                            for r in inv.store.records_in(record.netns_inode)
+                            if r.key != record.key and any(b.device == device for b in r.services))
             raise CniError(POLICY_REFUSED, f"the pod's network namespace already holds "
                            f"{len(held[device])} CXI services on {device} "
                            f"({', '.join(owners) or 'other attachments'}); cxi.maxServicesPerPod "

@@ -157,8 +157,8 @@ class StaleJudge:
                            "runtime will retry") from None
 
     def claimants(self, svc: Service) -> list[AttachmentRecord]:
-        return [r for r in self.inv.store.all() if r.netns_inode == self.inode
-                and any((b.device, b.svc_id) == (svc.device, svc.svc_id) for b in r.services)]
+        return [r for r in self.inv.store.records_in(self.inode)
+                if any((b.device, b.svc_id) == (svc.device, svc.svc_id) for b in r.services)]
 
     def _forget_locked(self, record: AttachmentRecord, svc: Service) -> None:
         fresh = self.inv.store.load(*record.key)

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import stat
 import time
 
@@ -53,6 +54,11 @@ class AttachmentStore:
     def __init__(self, directory: str):
         self.directory = directory
         self.locks = os.path.join(directory, "locks")
+        # The index by netns inode: an empty file "<inode>-<key>" per record, made before the
+        # record and removed after it, so every record has its entry (a stale entry whose
+        # record is gone is skipped). Finding a namespace's records is one listdir, not a
+        # read of every record of the node.
+        self.index = os.path.join(directory, "netns")
 
     def ensure(self) -> None:
         """The directories exist, and nobody but root can change them or what leads to
@@ -67,6 +73,52 @@ class AttachmentStore:
             except OSError as exc:
                 raise StateError(f"cannot create state directory {path}: {exc.strerror}") from None
             self._check_dir(path)
+        if not os.path.isdir(self.index):
+            self._build_index()
+        self._check_dir(self.index)
+
+    def _build_index(self) -> None:
+        """Index the records of a state directory an earlier version wrote: into a new
+        folder renamed into place when complete, then once more for records saved meanwhile."""
+        building = f"{self.index}.{os.getpid()}.new"
+        try:
+            os.makedirs(building, mode=0o700, exist_ok=True)
+            for record in self.all():
+                self._touch(building, record)
+            try:
+                os.rename(building, self.index)
+            except OSError:  # another process got there first
+                shutil.rmtree(building, ignore_errors=True)
+            for record in self.all():
+                self._touch(self.index, record)
+        except OSError as exc:
+            raise StateError(f"cannot index state directory {self.directory}: {exc.strerror}") from None
+
+    def _touch(self, index: str, record: AttachmentRecord) -> None:
+        entry = os.path.join(index, f"{record.netns_inode}-{attachment_key(*record.key)}")
+        try:
+            os.close(os.open(entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            pass
+
+    def records_in(self, inode: int) -> list[AttachmentRecord]:
+        """The readable records of the namespace with this inode (damaged ones skipped)."""
+        prefix = f"{inode}-"
+        try:
+            keys = [name[len(prefix):] for name in os.listdir(self.index) if name.startswith(prefix)]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StateError(f"cannot list the index {self.index}: {exc.strerror}") from None
+        records = []
+        for key in keys:
+            try:
+                record = self._read(os.path.join(self.directory, key + ".json"))
+            except StateError:
+                continue
+            if record is not None and record.netns_inode == inode:
+                records.append(record)
+        return records
 
     def _check_dir(self, path: str) -> None:
         try:
@@ -160,6 +212,7 @@ class AttachmentStore:
         tmp = f"{path}.{os.getpid()}.tmp"
         data = json.dumps(record.to_json(), separators=(",", ":")).encode()
         try:
+            self._touch(self.index, record)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                          0o600)
             try:
@@ -183,6 +236,15 @@ class AttachmentStore:
             pass
         except OSError as exc:
             raise StateError(f"cannot remove state record {path}: {exc.strerror}") from None
+        suffix = "-" + attachment_key(container_id, ifname)
+        try:
+            for name in os.listdir(self.index):
+                if name.endswith(suffix):
+                    os.unlink(os.path.join(self.index, name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StateError(f"cannot update the index {self.index}: {exc.strerror}") from None
 
     def claimed(self, records: list[AttachmentRecord] | None = None) -> set[tuple[str, int]]:
         """(device, svc_id) of every service some record claims."""

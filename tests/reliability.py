@@ -73,7 +73,7 @@ def leaks(setup, spaces=(), ipam_dir: Path | None = None, master: str | None = N
              f"(VNIs {list(s.desc.vnis)})" for s in setup.services()]
     if setup.state_dir.exists():
         found += [f"state file {p.relative_to(setup.state_dir)}" for p in setup.state_dir.rglob("*")
-                  if p.name != "locks"]
+                  if p.relative_to(setup.state_dir).as_posix() not in ("locks", "netns")]  # the folders
     for netns in spaces:
         if os.path.exists(netns):
             found += [f"link {link['ifname']} in {netns}" for link in ip_links(netns)

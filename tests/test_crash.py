@@ -151,6 +151,8 @@ def pretend_inode_reuse(sim, old_inode: int, new_inode: int) -> None:
         record = json.loads(path.read_text())
         if record["netnsInode"] == old_inode:
             path.write_text(json.dumps({**record, "netnsInode": new_inode}))
+    for entry in (sim.state_dir / "netns").glob(f"{old_inode}-*"):  # the store's index by inode
+        entry.rename(entry.with_name(entry.name.replace(f"{old_inode}-", f"{new_inode}-", 1)))
 
 
 @pytest.mark.parametrize("first", ["ADD", "GC"])

@@ -242,3 +242,19 @@ def test_services_json_and_doctor(cni, sim, netns, cxi_bin, tmp_path):
         doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
                                 text=True, env=env)
         assert doctor.returncode == 1 and "damaged" in doctor.stdout
+
+
+def test_a_state_dir_of_an_earlier_version_is_indexed_before_use(cni, sim, netns):
+    """Records written before the index by netns inode existed: the first command indexes
+    them, so a dead pod's claim on a reused inode is still found and forgotten."""
+    import shutil
+
+    inode = os.stat(netns).st_ino
+    cni("ADD", sim.conf(cxi={"vnis": [666]}), netns=netns, container_id="podA").ok()
+    shutil.rmtree(sim.state_dir / "netns")
+    cni("ADD", sim.conf(cxi={"vnis": [777]}), netns=netns, container_id="podB").ok()
+    assert sorted(os.listdir(sim.state_dir / "netns")) == sorted(
+        f"{inode}-{p.stem}" for p in sim.state_dir.glob("*.json"))
+    assert next(r for r in sim.records() if r["containerID"] == "podA")["services"] == []
+    cni("DEL", sim.conf(cxi={"vnis": [666]}), netns=netns, container_id="podA").ok()
+    assert [v for _, _, v in bound(sim, inode)] == [[777], [777]]
