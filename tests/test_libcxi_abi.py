@@ -453,15 +453,37 @@ def test_state_is_shared_by_concurrent_processes(lib_path, sysfs, state):
 
 
 def test_missing_set_netns_is_reported_with_the_file(lib_without_netns, sysfs, state):
-    backend = LibcxiBackend(lib_path=str(lib_without_netns), sysfs_root=str(sysfs))
-    with pytest.raises(BackendUnavailable) as exc:
-        backend.check()
+    """A library without the netns calls serves the member stack (auto), and names the
+    symbol and the file when a call stack is asked for or a netns call is made."""
+    auto = LibcxiBackend(lib_path=str(lib_without_netns), sysfs_root=str(sysfs))
+    auto.check()
+    info = auto.library()
+    assert (info.file, info.netns_calls) == (str(lib_without_netns.resolve()), False)
+    assert info.versions == ("LIBCXI_1.0", "LIBCXI_1.2", "LIBCXI_1.9")
+    assert (auto.stack.name, auto.stack.chosen_by) == (
+        "netns-member", f"{lib_without_netns.resolve()} has no cxil_svc_set_netns")
+    with auto.open("cxi0") as device, pytest.raises(BackendUnavailable) as exc:
+        device.svc_set_netns(1, NETNS_INODE)
     assert str(exc.value) == (
         f"{lib_without_netns.resolve()} has no cxil_svc_set_netns (libcxi >= 1.10 / "
         "LIBCXI_1.10 needed to bind a service to a network namespace)"
     )
+    forced = LibcxiBackend(lib_path=str(lib_without_netns), sysfs_root=str(sysfs), stack="shs-14.0.1")
+    with pytest.raises(BackendUnavailable, match="has no cxil_svc_set_netns .*cxi.stack 'shs-14.0.1' needs"):
+        forced.check()
     with pytest.raises(BackendUnavailable, match="cxil_svc_set_netns"):
-        backend.open("cxi0")
+        forced.open("cxi0")
+
+
+def test_library_and_driver_are_described(backend, lib_path, tmp_path):
+    info = backend.library()
+    assert info.netns_calls and info.versions[-1] == "LIBCXI_1.10"
+    assert backend.stack.name == "netns-call"
+    assert backend.driver_revision() is None  # this fake sysfs has no properties/driver_rev
+    root = standin.make_sysfs(tmp_path / "sys-rev", [standin.Nic("cxi0", "hsn0", "0000:21:00.0")],
+                              driver_rev="bb11c85")
+    rev = LibcxiBackend(str(lib_path), str(root)).driver_revision()
+    assert rev == f"revision bb11c85 ({root}/class/cxi/cxi0/device/properties/driver_rev)"
 
 
 def test_unloadable_library_is_reported_with_the_loader_error(tmp_path, sysfs):
