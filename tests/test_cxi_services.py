@@ -247,3 +247,28 @@ def test_services_json_and_doctor(cni, sim, netns, cxi_bin, tmp_path):
                                 text=True, env=env)
         assert doctor.returncode == 1 and "damaged" in doctor.stdout
 
+
+@pytest.mark.parametrize("stack_key", ["auto", "forced"])
+def test_two_pods_of_one_job_share_a_nic_unless_the_driver_is_14_0_0(cni, sim, make_netns, stack_key):
+    """Pods of one job get the same VNI. SHS 14.0.0's driver refuses a second service with
+    it on a NIC: ADD names the VNI, the device, the service, the pod holding it and the fix,
+    and leaves nothing. With cxi.stack forced to the node's stack the plugin refuses before
+    calling the driver; with auto it reads the driver's -EEXIST."""
+    first, second = make_netns(), make_netns()
+    conf = sim.conf(cxi={"vnis": [100], **({"stack": sim.stack} if stack_key == "forced" else {})})
+    pod_a = "K8S_POD_NAMESPACE=team;K8S_POD_NAME=job-a-0;K8S_POD_UID=uid-a"
+    cni("ADD", conf, netns=first, container_id="ctr-a", cni_args=pod_a).ok()
+    before = sorted((s.device, s.svc_id) for s in sim.services())
+    run = cni("ADD", conf, netns=second, container_id="ctr-b",
+              cni_args="K8S_POD_NAMESPACE=team;K8S_POD_NAME=job-a-1")
+    if sim.stack != "shs-14.0.0":
+        run.ok()
+        assert len(sim.services()) == 4
+        return
+    err = run.error(100)
+    held = next(sid for device, sid in before if device == "cxi0")
+    assert err["msg"].startswith(f"VNI 100 is already held on cxi0 by service {held} (pod team/job-a-0 "
+                                 "(uid uid-a), container ctr-a interface eth0): "), err
+    assert "one service per NIC" in err["msg"] and "SHS 14.0.1" in err["details"]
+    assert sorted((s.device, s.svc_id) for s in sim.services()) == before
+    assert [r["containerID"] for r in sim.records()] == ["ctr-a"]
