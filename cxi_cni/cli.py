@@ -144,9 +144,9 @@ def gc(config_path, valid, cni_path):
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 def doctor(config_path):
     failed = 0
-    for ok, line in run_checks(load_plugin_conf(config_path)):
-        click.echo(("ok    " if ok else "FAIL  ") + line)
-        failed += not ok
+    for status, line in run_checks(load_plugin_conf(config_path)):
+        click.echo({True: "ok    ", False: "FAIL  "}.get(status, f"{status:6}") + line)
+        failed += status is False
     click.echo("doctor: all checks passed" if not failed else f"doctor: {failed} check(s) failed")
     sys.exit(1 if failed else 0)
 

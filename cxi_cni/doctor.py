@@ -1,4 +1,7 @@
-"""`cxi doctor`: the node checks an operator runs when pods fail to get their CXI services."""
+"""`cxi doctor`: the node checks an operator runs when pods fail to get their CXI services.
+
+Each check yields (status, line): True (ok), False (a failure: ADD cannot work), WARN (ADD
+works, with a limit the operator should know) or NOTE (information)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,15 @@ from collections.abc import Iterator
 
 from .cni.errors import CniError
 from .config import parse_conf
+from .cxi import stacks
 from .cxi.backend import BackendUnavailable, CxiError
 from .invocation import open_backend
 from .state import AttachmentStore, StateError
+
+WARN, NOTE = "warn", "note"
+TESTED = ("tested: the three stacks (shs-14.0.1, shs-14.0.0, netns-member) were tested against "
+          "a C stand-in for libcxi and the simulated backend, not on Slingshot hardware; on a "
+          "real node follow README.md, \"First steps on a real node\"")
 
 
 def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
@@ -36,6 +45,7 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
         yield False, f"backend {backend.name}: {exc}"
         return
     yield True, f"backend {backend.name}: reachable, devices {', '.join(names)}"
+    yield from stack_checks(backend, names[0])
     if conf.cxi.devices == "master":
         try:
             yield True, f"master {conf.master} is on {backend.device_for_netdev(conf.master)}"
@@ -57,6 +67,50 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
             continue
         bound = sum(1 for s in services if s.netns_inode)
         yield True, f"{name}: {len(services)} services, {bound} bound to a network namespace"
+
+
+def stack_checks(backend, device: str) -> Iterator[tuple[bool | str, str]]:
+    """The library and driver found, and the stack they make, probed on `device`."""
+    info, stack = backend.library(), backend.stack
+    versions = f", symbol versions {info.versions[0]} to {info.versions[-1]}" if info.versions else ""
+    yield True, (f"library: {info.file}{versions}, cxil_svc_set_netns "
+                 f"{'present' if info.netns_calls else 'absent'}")
+    revision = backend.driver_revision()
+    yield True, (f"driver: {revision}" if revision else
+                 "driver: no revision shown (class/cxi/cxiN/device/properties/driver_rev)")
+    try:
+        dev = backend.open(device)
+        try:
+            yield identify(stack, dev)
+        finally:
+            dev.close()
+    except (CxiError, BackendUnavailable) as exc:
+        yield WARN, f"stack {stack.name}: {stack.chosen_by}; not probed on {device}: {exc}"
+    yield NOTE, TESTED
+
+
+def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str]:
+    """Ask the driver what the library alone cannot tell: on the call stacks whether two
+    services may hold one VNI (14.0.1) or not (14.0.0); on the member stack whether the
+    driver takes a NET_NS member at all (the research patches) or not (SHS 13 and older)."""
+    if stack.netns_calls:
+        probe = stacks.probe_shared_vni(dev)
+        found = {True: "shs-14.0.1", False: "shs-14.0.0"}.get(probe.answer)
+        asked = f"two services with one VNI on {dev.name}: {probe.detail}"
+    else:
+        probe = stacks.probe_member_netns(dev)
+        found = "netns-member" if probe.answer else None
+        asked = f"a NET_NS member on {dev.name}: {probe.detail}"
+        if probe.answer is False:
+            return False, (f"stack: none works on this node: {stack.chosen_by}, and the driver "
+                           f"refuses {asked}; install SHS 14.0.1 or later")
+    head = f"stack {found or stack.name} ({stacks.make(found, '').title if found else stack.title})"
+    if found is None:
+        return WARN, f"{head}: {stack.chosen_by}; {asked}"
+    if stack.name not in (found, "netns-call", "netns-member"):
+        return WARN, f"{head}: the driver contradicts cxi.stack {stack.name!r} ({asked})"
+    meaning = stacks.make(found, "").meaning
+    return (WARN if found == "shs-14.0.0" else True), f"{head}: {stack.chosen_by}; {asked}. {meaning}"
 
 
 def state_checks(conf) -> Iterator[tuple[bool, str]]:

@@ -272,3 +272,30 @@ def test_two_pods_of_one_job_share_a_nic_unless_the_driver_is_14_0_0(cni, sim, m
     assert "one service per NIC" in err["msg"] and "SHS 14.0.1" in err["details"]
     assert sorted((s.device, s.svc_id) for s in sim.services()) == before
     assert [r["containerID"] for r in sim.records()] == ["ctr-a"]
+
+
+def test_doctor_names_the_stack_its_evidence_and_what_it_means(sim, cxi_bin, tmp_path):
+    path = tmp_path / "conf.json"
+    path.write_text(json.dumps(sim.conf()))
+    run = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
+                         text=True, env={**os.environ, **sim.env})
+    assert run.returncode == 0, run.stdout
+    lines = run.stdout.splitlines()
+    calls = "present" if sim.stack != "netns-member" else "absent"
+    if sim.kind == "sim":
+        assert f"ok    library: the simulated library ({sim.stack}), cxil_svc_set_netns {calls}" in lines
+    else:
+        newest = "LIBCXI_1.10" if calls == "present" else "LIBCXI_1.9"
+        assert (f"ok    library: {sim.lib.resolve()}, symbol versions LIBCXI_1.0 to {newest}, "
+                f"cxil_svc_set_netns {calls}") in lines
+        rev = sim.root / "sys" / "class" / "cxi" / "cxi0" / "device" / "properties" / "driver_rev"
+        assert f"ok    driver: revision standin-{sim.stack} ({rev})" in lines
+    [stack_line] = [line for line in lines if line[6:].startswith("stack ")]
+    status, meaning = {"shs-14.0.1": ("ok", "Pods of one job share a NIC"),
+                       "shs-14.0.0": ("warn", "Two pods of one job cannot share a NIC"),
+                       "netns-member": ("ok", "Services are bound at alloc")}[sim.stack]
+    assert stack_line.startswith(f"{status:6}stack {sim.stack} ("), stack_line
+    assert meaning in stack_line
+    assert any(line.startswith("note  tested: ") and "not on Slingshot hardware" in line
+               for line in lines)
+    assert sim.services() == []  # the probes destroyed what they made
