@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -498,6 +499,27 @@ def test_unloadable_library_is_reported_with_the_loader_error(tmp_path, sysfs):
     not_elf.write_text("not a library\n" * 20)
     with pytest.raises(BackendUnavailable, match="invalid ELF header"):
         LibcxiBackend(lib_path=str(not_elf), sysfs_root=str(sysfs)).check()
+
+
+def test_a_library_where_the_loader_does_not_look_is_found_and_named(lib_path, sysfs, tmp_path,
+                                                                    monkeypatch):
+    """RHEL and SLES put libcxi in /usr/lib64, which the bundled Debian loader searches only
+    through /etc/ld.so.cache: say where the file is and how to make it found."""
+    from cxi_cni.cxi import libcxi
+
+    folder = tmp_path / "lib64"
+    folder.mkdir()
+    name = "libcxi-standin-elsewhere.so.1"
+    shutil.copy(lib_path, folder / name)
+    monkeypatch.setattr(libcxi, "LIBCXI_DIRS", (str(tmp_path / "nowhere"), str(folder)))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
+    with pytest.raises(BackendUnavailable) as exc:
+        LibcxiBackend(lib_path=name, sysfs_root=str(sysfs)).check()
+    assert str(exc.value) == (
+        f"cannot load the CXI library {name}: it is at {folder / name}, but the dynamic loader "
+        "does not look there (it searched LD_LIBRARY_PATH (/opt/other), /etc/ld.so.cache and its "
+        f"default directories); run ldconfig so that /etc/ld.so.cache lists it, or set "
+        f"cxi.libcxi to {folder / name}")
 
 
 def test_no_devices_is_reported(lib_path, tmp_path):
