@@ -65,7 +65,8 @@ def test_no_libcxi_is_told_in_the_plugins_words(cxi_bin, cni, tmp_path, netns, s
     err = cni("ADD", conf, netns=netns).error(101)
     path = tmp_path / "conf.json"
     path.write_text(json.dumps(conf))
-    outputs = [err["msg"], admin(cxi_bin, "doctor", path, {}).stdout]
+    outputs = [err["msg"], admin(cxi_bin, "doctor", path, {}).stdout,
+               admin(cxi_bin, "env", path, {}).stderr]
     for text in outputs:
         assert f"cannot load the CXI library {libcxi}: " in text, text
         assert "install libcxi" in text and "frozen" not in text and "dynlib" not in text, text
