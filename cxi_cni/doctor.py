@@ -90,10 +90,16 @@ def stack_checks(backend, device: str) -> Iterator[tuple[bool | str, str]]:
 
 
 def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str]:
-    """Ask the driver what the library alone cannot tell: on the call stacks whether two
-    services may hold one VNI (14.0.1) or not (14.0.0); on the member stack whether the
-    driver takes a NET_NS member at all (the research patches) or not (SHS 13 and older)."""
+    """Ask the driver what the library alone cannot tell: on the call stacks whether it has
+    SVC_SET_NETNS (older drivers do not) and whether two services may hold one VNI (14.0.1)
+    or not (14.0.0); on the member stack whether the driver takes a NET_NS member at all
+    (the research patches) or not (SHS 13 and older)."""
     if stack.netns_calls:
+        probe = stacks.probe_set_netns(dev)
+        if probe.answer is False:
+            return False, (f"stack: none works on this node: {stack.chosen_by}, but the driver "
+                           f"of {dev.name} has no SVC_SET_NETNS (it predates SHS 14.0.0: "
+                           f"{probe.detail}); install the driver of SHS 14.0.1 or later")
         probe = stacks.probe_shared_vni(dev)
         found = {True: "shs-14.0.1", False: "shs-14.0.0"}.get(probe.answer)
         asked = f"two services with one VNI on {dev.name}: {probe.detail}"

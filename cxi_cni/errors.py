@@ -60,9 +60,8 @@ def vni_in_use_error(exc: VniInUse, records) -> CniError:
                if pod else "") + f"container {owner.container_id[:12]} interface {owner.ifname}"
     return CniError(CXI_FAILURE,
                     f"VNI {exc.vni} is already held on {exc.device} by service "
-                    f"{exc.holder.svc_id} ({who}): this node's CXI driver (SHS 14.0.0, or a "
-                    "13.x driver) gives a VNI to one service per NIC, so two pods of one job "
-                    "cannot share a NIC",
+                    f"{exc.holder.svc_id} ({who}): this node's CXI driver (SHS 14.0.0) gives "
+                    "a VNI to one service per NIC, so two pods of one job cannot share a NIC",
                     "upgrade the node to SHS 14.0.1 or later (shs-cxi-driver commit fd6adba); "
                     "until then place the job's pods on different nodes (pod anti-affinity) or "
                     "NICs (cxi.devices)")

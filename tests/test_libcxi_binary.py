@@ -10,7 +10,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import libcxi_setup
+from conftest import LibcxiSetup, libcxi_setup
 
 
 def admin(cxi_bin, command, path, env) -> subprocess.CompletedProcess:
@@ -40,6 +40,25 @@ def test_a_node_that_can_bind_no_service_is_told_why(cxi_bin, cni, tmp_path, net
     assert "library: " + str(old_node.lib.resolve()) in run.stdout
     assert "cxil_svc_set_netns absent" in run.stdout and "revision standin-shs-13" in run.stdout
     assert old_node.services() == []  # the probe destroyed what it made
+
+
+def test_a_driver_older_than_its_library_is_named(cxi_bin, cni, request, tmp_path, monkeypatch,
+                                                   netns):
+    """libcxi of SHS 14 (with cxil_svc_set_netns) over a 13.x driver, which has no
+    SVC_SET_NETNS op and answers it -EINVAL, as for a service that does not exist."""
+    node = LibcxiSetup(tmp_path, request.getfixturevalue("standin_lib"), monkeypatch, "shs-13")
+    conf = node.conf()
+    err = cni("ADD", conf, netns=netns, env=node.env).error(101)
+    assert "cxil_svc_set_netns on cxi0 answers -EINVAL for service 2, which exists: the CXI " \
+           "driver has no SVC_SET_NETNS (it predates SHS 14.0.0)" in err["msg"], err
+    assert node.records() == [] and node.services() == []
+    path = tmp_path / "conf.json"
+    path.write_text(json.dumps(conf))
+    run = admin(cxi_bin, "doctor", path, node.env)
+    assert run.returncode == 1
+    assert "FAIL  stack: none works on this node: " in run.stdout
+    assert "has no SVC_SET_NETNS (it predates SHS 14.0.0" in run.stdout
+    assert node.services() == []
 
 
 def test_a_forced_call_stack_names_the_missing_symbol_everywhere(cxi_bin, cni, tmp_path, netns,

@@ -100,7 +100,7 @@ class CxiError(Exception):
 
 class VniInUse(CxiError):
     """cxil_alloc_svc refused a VNI that another service of the device holds: the driver of
-    SHS 14.0.0 (and 13.x) gives a VNI to one service per NIC."""
+    SHS 14.0.0 (like those of 13.x) gives a VNI to one service per NIC."""
 
     def __init__(self, device: str, vni: int, holder: Service):
         self.vni, self.holder = vni, holder

@@ -76,7 +76,16 @@ class Stack:
         """After alloc: give the service its namespace (the call stacks disable it first:
         the driver refuses set_netns on an enabled service with -EBUSY)."""
         dev.svc_enable(svc_id, False)
-        dev.svc_set_netns(svc_id, inode)
+        try:
+            dev.svc_set_netns(svc_id, inode)
+        except CxiError as exc:
+            if exc.errno == errno.EINVAL and exists(dev, svc_id):
+                raise BackendUnavailable(
+                    f"cxil_svc_set_netns on {dev.name} answers -EINVAL for service {svc_id}, "
+                    f"which exists: the CXI driver has no SVC_SET_NETNS (it predates SHS "
+                    f"14.0.0) while {self.chosen_by}; install the driver of SHS 14.0.1 or "
+                    "later") from None
+            raise
 
     def enable(self, dev, svc_id: int) -> None:
         dev.svc_enable(svc_id, True)
@@ -136,7 +145,7 @@ def make(name: str, chosen_by: str) -> Stack:
         return Stack(name, "HPE SHS 14.0.1 or later", "Pods of one job share a NIC, each with "
                      "its own service", chosen_by)
     if name == "shs-14.0.0":
-        return Stack(name, "HPE SHS 14.0.0, or a 13.x driver", "Two pods of one job cannot "
+        return Stack(name, "HPE SHS 14.0.0", "Two pods of one job cannot "
                      f"share a NIC: the driver gives a VNI to one service per NIC; {UPGRADE}",
                      chosen_by, unique_vnis=True)
     if name == "netns-member":
@@ -187,6 +196,14 @@ def raise_if_held(dev, vnis) -> None:
             raise VniInUse(dev.name, shared[0], svc)
 
 
+def exists(dev, svc_id: int) -> bool:
+    try:
+        dev.get_svc(svc_id)
+    except CxiError:
+        return False
+    return True
+
+
 def refuses_member(dev, desc: ServiceDesc) -> bool:
     """Whether the driver refused `desc` for its NET_NS member alone: the same service with
     no member at all is accepted (and destroyed again at once)."""
@@ -212,18 +229,24 @@ def _free_vnis(dev) -> list[int]:
 
 
 def _probe_services(dev, make_descs: Callable[[int], list[ServiceDesc]],
-                    refusal: tuple[int, int]) -> Probe:
-    """Allocate the descs one after another on a VNI no service uses (trying up to three)
-    and destroy them again. True when all were accepted; False when desc number
-    `refusal[0]` was refused with errno `refusal[1]`; None when the probe cannot tell."""
+                    refusal: tuple[int, int], then: Callable[[int], None] = lambda svc_id: None
+                    ) -> Probe:
+    """Allocate the descs one after another on a VNI no service uses (trying up to three),
+    call `then` with the last one, and destroy them again. True when all was accepted;
+    False when step `refusal[0]` (`len(descs)` is `then`) was refused with errno
+    `refusal[1]`; None when the probe cannot tell."""
     for vni in _free_vnis(dev):
         made = []
         try:
-            for index, desc in enumerate(make_descs(vni)):
+            descs = make_descs(vni)
+            for index in range(len(descs) + 1):
                 try:
-                    made.append(dev.alloc_svc(desc))
+                    if index < len(descs):
+                        made.append(dev.alloc_svc(descs[index]))
+                    else:
+                        then(made[-1])
                 except CxiError as exc:
-                    if exc.errno == errno.EPERM:
+                    if exc.errno == errno.EPERM and index < len(descs):
                         return Probe(None, "not probed: allocating a service needs root "
                                            "(CAP_SYS_ADMIN)")
                     if index == 0 and exc.errno == errno.EEXIST:
@@ -249,6 +272,19 @@ def probe_shared_vni(dev) -> Probe:
         desc = ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True)
         return [desc, desc]
     return _probe_services(dev, descs, (1, errno.EEXIST))
+
+
+def probe_set_netns(dev) -> Probe:
+    """Whether the driver has SVC_SET_NETNS (SHS 14.0.0 and later; older drivers answer an
+    unknown op with -EINVAL): one member-less service, disabled, bound to a namespace
+    nobody has, destroyed again."""
+    def bind(svc_id):
+        dev.svc_enable(svc_id, False)
+        dev.svc_set_netns(svc_id, NEVER_A_NETNS)
+
+    def descs(vni):
+        return [ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True)]
+    return _probe_services(dev, descs, (1, errno.EINVAL), bind)
 
 
 def probe_member_netns(dev) -> Probe:
