@@ -71,7 +71,7 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
 
 def stack_checks(backend, device: str) -> Iterator[tuple[bool | str, str]]:
     """The library and driver found, and the stack they make, probed on `device`."""
-    info, stack = backend.library(), backend.stack
+    info, stack = backend.library(with_versions=True), backend.stack
     versions = f", symbol versions {info.versions[0]} to {info.versions[-1]}" if info.versions else ""
     yield True, (f"library: {info.file}{versions}, cxil_svc_set_netns "
                  f"{'present' if info.netns_calls else 'absent'}")

@@ -149,8 +149,9 @@ class Backend(Protocol):
     def check(self) -> None:
         """Raise BackendUnavailable with a plain reason when ADD could not be served."""
 
-    def library(self) -> LibraryInfo:
-        """The library (or state) behind the calls; BackendUnavailable if it cannot load."""
+    def library(self, with_versions: bool = False) -> LibraryInfo:
+        """The library (or state) behind the calls; BackendUnavailable if it cannot load.
+        The symbol versions are read from the file only when asked for."""
 
     def driver_revision(self) -> str | None:
         """What the driver says of its own version, where it says it (None: nowhere)."""

@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import sys
+from dataclasses import replace
 
 from cxi_cni.cxi import abi
 from cxi_cni.cxi.backend import BackendUnavailable, CxiError, LibraryInfo, Service, ServiceDesc
@@ -274,12 +275,13 @@ class LibcxiBackend(ResolvesStack):
             self._lib = load_library(self.lib_path)
         return self._lib
 
-    def library(self) -> LibraryInfo:
+    def library(self, with_versions: bool = False) -> LibraryInfo:
         if self._info is None:
             lib = self._library()
-            file = _file_of(lib, self.lib_path)
-            self._info = LibraryInfo(file, symbol_versions(file),
+            self._info = LibraryInfo(_file_of(lib, self.lib_path), (),
                                      all(hasattr(lib, name) for name in _NETNS_FUNCTIONS))
+        if with_versions and not self._info.versions:  # reads the file: for doctor, not ADD
+            self._info = replace(self._info, versions=symbol_versions(self._info.file))
         return self._info
 
     def driver_revision(self) -> str | None:

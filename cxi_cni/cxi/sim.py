@@ -322,7 +322,7 @@ class SimBackend(ResolvesStack):
         with self.state.transaction(write=False) as state:
             return state.get("stack", DEFAULT_STACK)
 
-    def library(self) -> LibraryInfo:
+    def library(self, with_versions: bool = False) -> LibraryInfo:
         stack = self.emulated_stack()
         return LibraryInfo(f"the simulated library ({stack})", (), EMULATED[stack].netns_calls)
 
