@@ -149,7 +149,7 @@ def make(name: str, chosen_by: str) -> Stack:
                      f"share a NIC: the driver gives a VNI to one service per NIC; {UPGRADE}",
                      chosen_by, unique_vnis=True)
     if name == "netns-member":
-        return MemberStack(name, "the research patches (NET_NS service member)",
+        return MemberStack(name, "the research patches: a NET_NS service member",
                            "Services are bound at alloc through their member; libfabric "
                            "finds them only with the research patch to libfabric, else "
                            "through `cxi env`", chosen_by)
