@@ -145,11 +145,43 @@ def gc(config_path, valid, cni_path):
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 def doctor(config_path):
     failed = 0
-    for ok, line in run_checks(load_plugin_conf(config_path)):
-        click.echo({True: "ok    ", None: "warn  ", False: "FAIL  "}[ok] + line)
-        failed += ok is False
+    for status, line in run_checks(load_plugin_conf(config_path)):
+        click.echo({True: "ok    ", False: "FAIL  "}.get(status, f"{status:6}") + line)
+        failed += status is False
     click.echo("doctor: all checks passed" if not failed else f"doctor: {failed} check(s) failed")
     sys.exit(1 if failed else 0)
+
+
+@cli.command("env", help="Inside a pod: print `export SLINGSHOT_*=...` for the CXI services "
+             "bound to this network namespace, for `eval \"$(cxi env)\"` in an entrypoint "
+             "(Cray MPICH and libfabric before 2.5 need them). Needs /dev/cxiN and libcxi, "
+             "not root.")
+@click.option("--config", "config_path", type=click.Path(),
+              help="a plugin config naming the backend or cxi.libcxi; default: libcxi.so.1")
+@click.option("--vni", type=click.IntRange(1, 65535),
+              help="the VNI to put first, choosing among several services on one device")
+def env(config_path, vni):
+    from . import podenv
+    from .config import parse_conf
+    from .invocation import open_backend
+
+    try:
+        backend = open_backend(parse_conf(load_plugin_conf(config_path)))
+    except CniError as exc:
+        raise click.ClickException(f"{exc.msg} ({exc.details})") from None
+    try:
+        backend.library()
+    except BackendUnavailable as exc:
+        raise click.ClickException(f"{exc}; in a pod, the image needs libcxi (or the node's "
+                                   "libcxi.so.1 mounted into it)") from None
+    try:
+        found = podenv.find(backend, podenv.own_netns_inode())
+        variables = podenv.exports(found, vni)
+    except (BackendUnavailable, CxiError, podenv.PodEnvError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for skipped in found.skipped:
+        click.echo(f"cxi env: skipped {skipped}", err=True)
+    click.echo(podenv.shell(variables), nl=False)
 
 
 @cli.command(help="Show the plugin at work on simulated CXI devices: a throwaway netns and "

@@ -19,6 +19,7 @@ from . import nodepolicy
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
 from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
+from .cxi.stacks import CHOICES as STACKS
 from .vniset import VniSet
 
 MODES = {"ipvlan": ("l2", "l3", "l3s"), "macvlan": ("bridge", "private", "vepa", "passthru")}
@@ -74,6 +75,9 @@ CXI_FIELDS = (
           'set cxi.backend to "libcxi" (real NICs) or "sim" (simulated)'),
     Field("simState", cs.str_schema(), "/var/lib/cni/cxi/sim.json"),
     Field("libcxi", cs.str_schema(), "libcxi.so.1"),
+    Field("stack", cs.literal_schema(list(STACKS)), "auto",
+          "set cxi.stack to " + ", ".join(f'"{s}"' for s in STACKS)
+          + ' (how services are bound to a namespace; "auto" asks the library, cxi doctor names it)'),
     Field("devices", cs.union_schema([
         cs.literal_schema(["all", "master"]),
         cs.list_schema(cs.str_schema(pattern=r"^cxi[0-9]{1,4}$"), min_length=1)]), "all",

@@ -1,4 +1,7 @@
-"""`cxi doctor`: the node checks an operator runs when pods fail to get their CXI services."""
+"""`cxi doctor`: the node checks an operator runs when pods fail to get their CXI services.
+
+Each check yields (status, line): True (ok), False (a failure: ADD cannot work), WARN (ADD
+works, with a limit the operator should know) or NOTE (information)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from collections.abc import Iterator
 
 from .cni.errors import CniError
 from .config import parse_conf
+from .cxi import stacks
 from .cxi.backend import BackendUnavailable, CxiError
 from .files import FileProblem
 from .invocation import open_backend
@@ -21,6 +25,11 @@ from .trust import UntrustedPath
 
 KUBE_CHECK_SECONDS = 10.0
 ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+
+WARN, NOTE = "warn", "note"
+TESTED = ("tested: the three stacks (shs-14.0.1, shs-14.0.0, netns-member) were tested against "
+          "a C stand-in for libcxi and the simulated backend, not on Slingshot hardware; on a "
+          "real node follow README.md, \"First steps on a real node\"")
 
 
 def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
@@ -49,6 +58,7 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
         yield False, f"backend {backend.name}: {exc}"
         return
     yield True, f"backend {backend.name}: reachable, devices {', '.join(names)}"
+    yield from stack_checks(backend, names[0])
     if conf.cxi.devices == "master":
         try:
             yield True, f"master {conf.master} is on {backend.device_for_netdev(conf.master)}"
@@ -70,6 +80,56 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
             continue
         bound = sum(1 for s in services if s.netns_inode)
         yield True, f"{name}: {len(services)} services, {bound} bound to a network namespace"
+
+
+def stack_checks(backend, device: str) -> Iterator[tuple[bool | str, str]]:
+    """The library and driver found, and the stack they make, probed on `device`."""
+    info, stack = backend.library(with_versions=True), backend.stack
+    versions = f", symbol versions {info.versions[0]} to {info.versions[-1]}" if info.versions else ""
+    yield True, (f"library: {info.file}{versions}, cxil_svc_set_netns "
+                 f"{'present' if info.netns_calls else 'absent'}")
+    revision = backend.driver_revision()
+    yield True, (f"driver: {revision}" if revision else
+                 "driver: no revision shown (class/cxi/cxiN/device/properties/driver_rev)")
+    try:
+        dev = backend.open(device)
+        try:
+            yield identify(stack, dev)
+        finally:
+            dev.close()
+    except (CxiError, BackendUnavailable) as exc:
+        yield WARN, f"stack {stack.name}: {stack.chosen_by}; not probed on {device}: {exc}"
+    yield NOTE, TESTED
+
+
+def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str]:
+    """Ask the driver what the library alone cannot tell: on the call stacks whether it has
+    SVC_SET_NETNS (older drivers do not) and whether two services may hold one VNI (14.0.1)
+    or not (14.0.0); on the member stack whether the driver takes a NET_NS member at all
+    (the research patches) or not (SHS 13 and older)."""
+    if stack.netns_calls:
+        probe = stacks.probe_set_netns(dev)
+        if probe.answer is False:
+            return False, (f"stack: none works on this node: {stack.chosen_by}, but the driver "
+                           f"of {dev.name} has no SVC_SET_NETNS (it predates SHS 14.0.0: "
+                           f"{probe.detail}); install the driver of SHS 14.0.1 or later")
+        probe = stacks.probe_shared_vni(dev)
+        found = {True: "shs-14.0.1", False: "shs-14.0.0"}.get(probe.answer)
+        asked = f"two services with one VNI on {dev.name}: {probe.detail}"
+    else:
+        probe = stacks.probe_member_netns(dev)
+        found = "netns-member" if probe.answer else None
+        asked = f"a NET_NS member on {dev.name}: {probe.detail}"
+        if probe.answer is False:
+            return False, (f"stack: none works on this node: {stack.chosen_by}, and the driver "
+                           f"refuses {asked}; install SHS 14.0.1 or later")
+    head = f"stack {found or stack.name} ({stacks.make(found, '').title if found else stack.title})"
+    if found is None:
+        return WARN, f"{head}: {stack.chosen_by}; {asked}"
+    if stack.name not in (found, "netns-call", "netns-member"):
+        return WARN, f"{head}: the driver contradicts cxi.stack {stack.name!r} ({asked})"
+    meaning = stacks.make(found, "").meaning
+    return (WARN if found == "shs-14.0.0" else True), f"{head}: {stack.chosen_by}; {asked}. {meaning}"
 
 
 def state_checks(conf) -> Iterator[tuple[bool, str]]:
@@ -105,10 +165,10 @@ def master_check(master: str) -> tuple[bool, str]:
     return state in ("up", "unknown"), f"master {master}: operstate {state}"
 
 
-def policy_check(conf) -> tuple[bool | None, str]:
+def policy_check(conf) -> tuple[bool | str, str]:
     policy = conf.node_policy
     if policy is None:
-        return None, (f"node policy: none at {policy_path()}; every network configuration (a "
+        return WARN, (f"node policy: none at {policy_path()}; every network configuration (a "
                       "tenant's NAD too) is trusted as the admin's (SECURITY.md)")
     bounds = {key: getattr(policy, key) for key in ("allowedVnis", "podVnis", "vniSources",
               "allowDefaultVni", "maxServicesPerPod", "backends", "libcxi", "kubeconfig")}
@@ -116,14 +176,14 @@ def policy_check(conf) -> tuple[bool | None, str]:
     return True, f"node policy {policy.path}: {shown}"
 
 
-def kube_checks(conf) -> Iterator[tuple[bool | None, str]]:
+def kube_checks(conf) -> Iterator[tuple[bool | str, str]]:
     """The kubeconfig loads, the API server answers, and RBAC lets the plugin read what a
     VNI lookup reads."""
     if "kubernetes" not in conf.cxi.vniSources:
         yield True, "kubernetes: not among cxi.vniSources, no lookups"
         return
     if not conf.kubeconfig and not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        yield None, "kubernetes: no kubeconfig set, so no pod gets its job's Vni (set kubeconfig)"
+        yield WARN, "kubernetes: no kubeconfig set, so no pod gets its job's Vni (set kubeconfig)"
         return
     try:
         access = load_access(conf.kubeconfig)

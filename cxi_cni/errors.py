@@ -14,7 +14,7 @@ from .cni.errors import (
     UNKNOWN_CONTAINER,
     CniError,
 )
-from .cxi.backend import BackendUnavailable, CxiError
+from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, VniInUse
 from .link import LinkError
 from .netns import NetnsInvalid, NetnsMissing
 from .state import StateError
@@ -43,6 +43,28 @@ NETNS_FIX = ("pass the path of the container's network namespace, such as /run/n
 def cxi_error(exc: CxiError) -> CniError:
     code = TRY_AGAIN_LATER if exc.errno == errno.EBUSY else CXI_FAILURE
     return CniError(code, str(exc), ERRNO_FIXES.get(exc.errno, "run `cxi doctor` on the node"))
+
+
+def vni_in_use_error(exc: VniInUse, records) -> CniError:
+    """The driver gives a VNI to one service per NIC: name the VNI, the device, the service
+    holding it and (from the attachment records) the pod it belongs to, and the fix."""
+    held = (exc.device, exc.holder.svc_id)
+    owner = next((r for r in records if any((b.device, b.svc_id) == held for b in r.services)), None)
+    if exc.holder.svc_id == DEFAULT_SVC_ID:
+        who = "the default service"
+    elif owner is None:
+        who = "a service no cxi record claims"
+    else:
+        pod = owner.pod.get("pod") or owner.pod.get("podName")
+        who = (f"pod {pod}{' (uid ' + owner.pod['podUID'] + ')' if owner.pod.get('podUID') else ''}, "
+               if pod else "") + f"container {owner.container_id[:12]} interface {owner.ifname}"
+    return CniError(CXI_FAILURE,
+                    f"VNI {exc.vni} is already held on {exc.device} by service "
+                    f"{exc.holder.svc_id} ({who}): this node's CXI driver (SHS 14.0.0) gives "
+                    "a VNI to one service per NIC, so two pods of one job cannot share a NIC",
+                    "upgrade the node to SHS 14.0.1 or later (shs-cxi-driver commit fd6adba); "
+                    "until then place the job's pods on different nodes (pod anti-affinity) or "
+                    "NICs (cxi.devices)")
 
 
 def netns_error(exc: NetnsMissing | NetnsInvalid) -> CniError:

@@ -21,8 +21,8 @@ from .trust import UntrustedPath
 def open_backend(conf: NetConf) -> Backend:
     """The CXI backend the configuration names (nothing is loaded until it is used)."""
     if conf.cxi.backend == "sim":
-        return SimBackend(conf.cxi.simState)
-    return LibcxiBackend(conf.cxi.libcxi)
+        return SimBackend(conf.cxi.simState, conf.cxi.stack)
+    return LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
 
 
 class Invocation:

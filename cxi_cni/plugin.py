@@ -10,9 +10,9 @@ from . import faults, logs, vnis
 from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .cni.version import merge_results
-from .cxi.backend import Service
+from .cxi.backend import Service, VniInUse
 from .cxi.services import Binding, bind_netns, destroy, differences
-from .errors import CXI_FAILURE, POLICY_REFUSED, mapped
+from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, vni_in_use_error
 from .gc import collect
 from .invocation import Invocation
 from .podlink import PodLink
@@ -86,8 +86,11 @@ class CxiPlugin:
             try:
                 bindings = bind_netns(inv.backend, record.devices, record.netns_inode, spec, made,
                                       faults.point)
-            except BaseException:
+            except VniInUse as exc:
                 record.services = []  # bind_netns destroyed them
+                raise vni_in_use_error(exc, inv.store.all()) from None
+            except BaseException:
+                record.services = []
                 raise
         undo.callback(logs.undo_step, "destroy the pod's services", destroy, inv.backend,
                       bindings, record.netns_inode, ())

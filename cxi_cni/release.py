@@ -60,7 +60,8 @@ def release_services(inv: Invocation, record: AttachmentRecord) -> None:
     """Destroy the record's services (and the orphan of an alloc in flight); keep the record
     with what is left, and raise, if any cannot be destroyed."""
     if record.allocating:
-        destroy_orphans(inv.backend, record.allocating, record.vnis, inv.store.claimed())
+        destroy_orphans(inv.backend, record.allocating, record.vnis, inv.store.claimed(),
+                        record.netns_inode)
     if not record.services:
         return
     failures = destroy(inv.backend, record.services, record.netns_inode)

@@ -74,18 +74,34 @@ def make_veth():
         sh("ip", "link", "del", name, check=False)
 
 
+# The stacks every CXI behaviour test runs on (cxi_cni/cxi/stacks.py); shs-13, a node that
+# can bind no service at all, has tests of its own.
+STACKS = ("shs-14.0.1", "shs-14.0.0", "netns-member")
+DEFAULT_STACK = STACKS[0]
+TWO_NICS = {"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", False, None)}
+
+
 class SimSetup:
     """A private state dir, log file and CXI backend, and configs that use them. The
-    default backend is the simulated one; LibcxiSetup drives the libcxi stand-in."""
+    default backend is the simulated one; LibcxiSetup drives the libcxi stand-in. `stack`
+    is the software stack the devices emulate (the plugin finds it with cxi.stack auto)."""
 
     kind = "sim"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, stack: str = DEFAULT_STACK):
         self.root = root
+        self.stack = stack
         self.state_dir = root / "state"
         self.sim_state = root / "sim.json"
         self.log_file = root / "cxi.log"
         self.env: dict[str, str] = {}
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Make the devices: two NICs, cxi0 behind hsn0 and cxi1 behind hsn1 (the sim's
+        defaults, which need no state file on the default stack)."""
+        if self.stack != DEFAULT_STACK:
+            self.seed(TWO_NICS)
 
     def backend_conf(self) -> dict:
         return {"backend": "sim", "simState": str(self.sim_state)}
@@ -102,6 +118,14 @@ class SimSetup:
         from cxi_cni.cxi.sim import SimBackend
 
         return SimBackend(str(self.sim_state))
+
+    def bind(self, device: str, vnis, inode: int) -> int:
+        """A service bound to `inode` the way the stack binds, made outside the plugin."""
+        from cxi_cni.cxi.services import ServiceSpec, bind_netns
+
+        [binding] = bind_netns(self.backend(), [device], inode, ServiceSpec(tuple(vnis)),
+                               lambda *made: None)
+        return binding.svc_id
 
     def services(self):
         """Every service but the default one, as the backend lists them."""
@@ -128,7 +152,7 @@ class SimSetup:
         """Devices as {name: (netdev, is_vf, totals dict or None)}."""
         from cxi_cni.cxi.sim import STATE_VERSION, new_device
 
-        state = {"version": STATE_VERSION, "devices": {
+        state = {"version": STATE_VERSION, "stack": self.stack, "devices": {
             name: new_device(netdev, f"0000:{0x41 + i:02x}:00.0", vf=vf, totals=totals)
             for i, (name, (netdev, vf, totals)) in enumerate(sorted(devices.items()))}}
         self.sim_state.write_text(json.dumps(state))
@@ -139,15 +163,17 @@ class LibcxiSetup(SimSetup):
 
     kind = "libcxi"
 
-    def __init__(self, root: Path, lib: Path, monkeypatch):
-        super().__init__(root)
-        self.lib = lib
+    def __init__(self, root: Path, lib: Path, monkeypatch, stack: str = DEFAULT_STACK):
+        self.lib, self.monkeypatch = lib, monkeypatch
         self.lib_state = root / "libcxi.state"
+        super().__init__(root, stack)
+
+    def prepare(self) -> None:
         self.env = {"FAKE_LIBCXI_STATE": str(self.lib_state),
-                    "CXI_CNI_SYSFS_ROOT": str(root / "sys")}
+                    "CXI_CNI_SYSFS_ROOT": str(self.root / "sys")}
         for key, value in self.env.items():
-            monkeypatch.setenv(key, value)
-        self.seed({"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", False, None)})
+            self.monkeypatch.setenv(key, value)
+        self.seed(TWO_NICS)
 
     def backend_conf(self) -> dict:
         return {"backend": "libcxi", "libcxi": str(self.lib)}
@@ -168,9 +194,10 @@ class LibcxiSetup(SimSetup):
 
             shutil.rmtree(sysfs)
         self.lib_state.write_text("")
+        standin.write_driver(self.lib_state, self.stack)
         nics = [standin.Nic(name, netdev, f"0000:{0x41 + i:02x}:00.0")
                 for i, (name, (netdev, _, _)) in enumerate(sorted(devices.items()))]
-        standin.make_sysfs(sysfs, nics)
+        standin.make_sysfs(sysfs, nics, driver_rev=f"standin-{self.stack}")
         for name, (_, vf, totals) in devices.items():
             kwargs = {"totals": tuple(totals[r] for r in RESOURCES)} if totals else {}
             standin.write_device(self.lib_state, int(name[3:]), is_vf=vf, **kwargs)
@@ -193,12 +220,31 @@ def standin_lib(tmp_path_factory) -> Path:
     return standin.build(tmp_path_factory.mktemp("libcxi"))
 
 
-@pytest.fixture(params=["sim", "libcxi"])
+@pytest.fixture(scope="session")
+def standin_lib_old(tmp_path_factory) -> Path:
+    """The stand-in without cxil_svc_set_netns / cxil_svc_get_netns (libcxi before 1.10)."""
+    from libcxi_standin import standin
+
+    return standin.build(tmp_path_factory.mktemp("libcxi-1.9"), with_netns=False)
+
+
+def libcxi_setup(request, root: Path, monkeypatch, stack: str) -> LibcxiSetup:
+    """The stand-in as a node of `stack` has it: the library with or without the netns
+    calls, and the driver of that stack."""
+    from libcxi_standin import standin
+
+    lib = request.getfixturevalue("standin_lib" if standin.DRIVERS[stack] else "standin_lib_old")
+    return LibcxiSetup(root, lib, monkeypatch, stack)
+
+
+@pytest.fixture(params=[(kind, stack) for kind in ("sim", "libcxi") for stack in STACKS],
+                ids=lambda param: "-".join(param))
 def cxi_setup(request, tmp_path, monkeypatch) -> SimSetup:
-    """The same CXI behaviour tests against both backends."""
-    if request.param == "sim":
-        return SimSetup(tmp_path)
-    return LibcxiSetup(tmp_path, request.getfixturevalue("standin_lib"), monkeypatch)
+    """The same CXI behaviour tests against both backends, each emulating every stack."""
+    kind, stack = request.param
+    if kind == "sim":
+        return SimSetup(tmp_path, stack)
+    return libcxi_setup(request, tmp_path, monkeypatch, stack)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Per-pod CXI services through the frozen binary with the sim backend and real netns."""
+"""Per-pod CXI services through the frozen binary with real netns, on both backends and
+every stack they emulate (conftest's cxi_setup)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cxi_cni.cxi.backend import Limit, ServiceDesc
+from cxi_cni.cxi.backend import MEMBER_IGNORE, MEMBER_NET_NS, Limit, Member
 
 SMALL = {"ptes": 2048, "txqs": 1024, "tgqs": 512, "eqs": 2047, "cts": 2047, "les": 10,
          "tles": 2048, "acs": 1022}
@@ -35,7 +36,10 @@ def test_add_makes_one_service_per_device_bound_to_the_netns(cni, sim, netns):
     for svc in sim.services():
         desc = svc.desc
         assert desc.restricted_members and desc.restricted_vnis and desc.enable
-        assert all(m.type == 0 for m in desc.members)  # no UID/GID member
+        if sim.stack == "netns-member":  # the namespace is the member, the only one
+            assert desc.members == (Member(inode, MEMBER_NET_NS), Member())
+        else:  # no member at all: the namespace is set apart from the members
+            assert all(m.type == MEMBER_IGNORE for m in desc.members)
     assert {(s["device"], s["svcId"]) for s in result["cxi"]["services"]} == \
         {(d, s) for d, s, _ in services}
     [record] = sim.records()
@@ -118,6 +122,8 @@ def test_rollback_when_device_two_of_two_fails(cni, sim, netns):
 
 
 def test_rollback_on_a_vf_keeps_nothing(cni, sim, netns):
+    if sim.stack == "netns-member":
+        pytest.skip("the research driver does not refuse a VF")
     sim.seed({"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", True, None)})
     err = cni("ADD", sim.conf(), netns=netns).error(100)
     assert "cxil_svc_set_netns on cxi1" in err["msg"] and "EPERM" in err["msg"]
@@ -160,9 +166,7 @@ def test_stale_service_on_a_reused_inode_is_never_inherited(cni, sim, netns):
 
 def test_stale_service_made_outside_the_plugin_is_reaped(cni, sim, netns):
     inode = os.stat(netns).st_ino
-    dev = sim.backend().open("cxi0")
-    sid = dev.alloc_svc(ServiceDesc.for_netns([4242]))
-    dev.svc_set_netns(sid, inode)
+    sim.bind("cxi0", [4242], inode)
     cni("ADD", sim.conf(), netns=netns).ok()
     assert all(v == [100] for _, _, v in bound(sim, inode))
 
@@ -186,9 +190,9 @@ def test_readd_replaces_the_old_services(cni, sim, netns):
 
 def test_32_concurrent_adds_give_32_distinct_services(cni, sim, make_netns):
     spaces = [make_netns() for _ in range(32)]
-    conf = sim.conf(cxi={"devices": ["cxi0"]})
+    confs = [sim.conf(cxi={"devices": ["cxi0"], "vnis": [100 + i]}) for i in range(32)]
     with ThreadPoolExecutor(max_workers=32) as pool:
-        runs = list(pool.map(lambda i: cni("ADD", conf, netns=spaces[i], container_id=f"c{i}"),
+        runs = list(pool.map(lambda i: cni("ADD", confs[i], netns=spaces[i], container_id=f"c{i}"),
                              range(32)))
     for run in runs:
         run.ok()
@@ -198,7 +202,7 @@ def test_32_concurrent_adds_give_32_distinct_services(cni, sim, make_netns):
     assert {s.netns_inode for s in services} == {os.stat(ns).st_ino for ns in spaces}
     assert len(sim.records()) == 32
     with ThreadPoolExecutor(max_workers=32) as pool:
-        for run in pool.map(lambda i: cni("DEL", conf, netns=spaces[i], container_id=f"c{i}"),
+        for run in pool.map(lambda i: cni("DEL", confs[i], netns=spaces[i], container_id=f"c{i}"),
                             range(32)):
             run.ok()
     assert sim.services() == [] and sim.records() == []
@@ -207,7 +211,7 @@ def test_32_concurrent_adds_give_32_distinct_services(cni, sim, make_netns):
 def test_gc_reaps_services_of_dead_namespaces(cni, sim, make_netns, cxi_bin, tmp_path):
     live, dead = make_netns(), make_netns()
     cni("ADD", sim.conf(), netns=live, container_id="live").ok()
-    cni("ADD", sim.conf(), netns=dead, container_id="dead").ok()
+    cni("ADD", sim.conf(cxi={"vnis": [101]}), netns=dead, container_id="dead").ok()
     subprocess.run(["ip", "netns", "del", os.path.basename(dead)], check=True)
     conf_file = tmp_path / "conf.json"
     conf_file.write_text(json.dumps(sim.conf()))
@@ -258,3 +262,56 @@ def test_a_state_dir_of_an_earlier_version_is_indexed_before_use(cni, sim, netns
     assert next(r for r in sim.records() if r["containerID"] == "podA")["services"] == []
     cni("DEL", sim.conf(cxi={"vnis": [666]}), netns=netns, container_id="podA").ok()
     assert [v for _, _, v in bound(sim, inode)] == [[777], [777]]
+
+
+@pytest.mark.parametrize("stack_key", ["auto", "forced"])
+def test_two_pods_of_one_job_share_a_nic_unless_the_driver_is_14_0_0(cni, sim, make_netns, stack_key):
+    """Pods of one job get the same VNI. SHS 14.0.0's driver refuses a second service with
+    it on a NIC: ADD names the VNI, the device, the service, the pod holding it and the fix,
+    and leaves nothing. With cxi.stack forced to the node's stack the plugin refuses before
+    calling the driver; with auto it reads the driver's -EEXIST."""
+    first, second = make_netns(), make_netns()
+    conf = sim.conf(cxi={"vnis": [100], **({"stack": sim.stack} if stack_key == "forced" else {})})
+    pod_a = "K8S_POD_NAMESPACE=team;K8S_POD_NAME=job-a-0;K8S_POD_UID=uid-a"
+    cni("ADD", conf, netns=first, container_id="ctr-a", cni_args=pod_a).ok()
+    before = sorted((s.device, s.svc_id) for s in sim.services())
+    run = cni("ADD", conf, netns=second, container_id="ctr-b",
+              cni_args="K8S_POD_NAMESPACE=team;K8S_POD_NAME=job-a-1")
+    if sim.stack != "shs-14.0.0":
+        run.ok()
+        assert len(sim.services()) == 4
+        return
+    err = run.error(100)
+    held = next(sid for device, sid in before if device == "cxi0")
+    assert err["msg"].startswith(f"VNI 100 is already held on cxi0 by service {held} (pod team/job-a-0 "
+                                 "(uid uid-a), container ctr-a interface eth0): "), err
+    assert "one service per NIC" in err["msg"] and "SHS 14.0.1" in err["details"]
+    assert sorted((s.device, s.svc_id) for s in sim.services()) == before
+    assert [r["containerID"] for r in sim.records()] == ["ctr-a"]
+
+
+def test_doctor_names_the_stack_its_evidence_and_what_it_means(sim, cxi_bin, tmp_path):
+    path = tmp_path / "conf.json"
+    path.write_text(json.dumps(sim.conf()))
+    run = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
+                         text=True, env={**os.environ, **sim.env})
+    assert run.returncode == 0, run.stdout
+    lines = run.stdout.splitlines()
+    calls = "present" if sim.stack != "netns-member" else "absent"
+    if sim.kind == "sim":
+        assert f"ok    library: the simulated library ({sim.stack}), cxil_svc_set_netns {calls}" in lines
+    else:
+        newest = "LIBCXI_1.10" if calls == "present" else "LIBCXI_1.9"
+        assert (f"ok    library: {sim.lib.resolve()}, symbol versions LIBCXI_1.0 to {newest}, "
+                f"cxil_svc_set_netns {calls}") in lines
+        rev = sim.root / "sys" / "class" / "cxi" / "cxi0" / "device" / "properties" / "driver_rev"
+        assert f"ok    driver: revision standin-{sim.stack} ({rev})" in lines
+    [stack_line] = [line for line in lines if line[6:].startswith("stack ")]
+    status, meaning = {"shs-14.0.1": ("ok", "Pods of one job share a NIC"),
+                       "shs-14.0.0": ("warn", "Two pods of one job cannot share a NIC"),
+                       "netns-member": ("ok", "Services are bound at alloc")}[sim.stack]
+    assert stack_line.startswith(f"{status:6}stack {sim.stack} ("), stack_line
+    assert meaning in stack_line
+    assert any(line.startswith("note  tested: ") and "not on Slingshot hardware" in line
+               for line in lines)
+    assert sim.services() == []  # the probes destroyed what they made

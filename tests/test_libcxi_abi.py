@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -453,15 +454,38 @@ def test_state_is_shared_by_concurrent_processes(lib_path, sysfs, state):
 
 
 def test_missing_set_netns_is_reported_with_the_file(lib_without_netns, sysfs, state):
-    backend = LibcxiBackend(lib_path=str(lib_without_netns), sysfs_root=str(sysfs))
-    with pytest.raises(BackendUnavailable) as exc:
-        backend.check()
+    """A library without the netns calls serves the member stack (auto), and names the
+    symbol and the file when a call stack is asked for or a netns call is made."""
+    auto = LibcxiBackend(lib_path=str(lib_without_netns), sysfs_root=str(sysfs))
+    auto.check()
+    info = auto.library(with_versions=True)
+    assert (info.file, info.netns_calls) == (str(lib_without_netns.resolve()), False)
+    assert info.versions == ("LIBCXI_1.0", "LIBCXI_1.2", "LIBCXI_1.9")
+    assert (auto.stack.name, auto.stack.chosen_by) == (
+        "netns-member", f"{lib_without_netns.resolve()} has no cxil_svc_set_netns")
+    with auto.open("cxi0") as device, pytest.raises(BackendUnavailable) as exc:
+        device.svc_set_netns(1, NETNS_INODE)
     assert str(exc.value) == (
         f"{lib_without_netns.resolve()} has no cxil_svc_set_netns (libcxi >= 1.10 / "
         "LIBCXI_1.10 needed to bind a service to a network namespace)"
     )
+    forced = LibcxiBackend(lib_path=str(lib_without_netns), sysfs_root=str(sysfs), stack="shs-14.0.1")
+    with pytest.raises(BackendUnavailable, match="has no cxil_svc_set_netns .*cxi.stack 'shs-14.0.1' needs"):
+        forced.check()
     with pytest.raises(BackendUnavailable, match="cxil_svc_set_netns"):
-        backend.open("cxi0")
+        forced.open("cxi0")
+
+
+def test_library_and_driver_are_described(backend, lib_path, tmp_path):
+    assert backend.library().versions == ()  # not read for ADD
+    info = backend.library(with_versions=True)
+    assert info.netns_calls and info.versions[-1] == "LIBCXI_1.10"
+    assert backend.stack.name == "netns-call"
+    assert backend.driver_revision() is None  # this fake sysfs has no properties/driver_rev
+    root = standin.make_sysfs(tmp_path / "sys-rev", [standin.Nic("cxi0", "hsn0", "0000:21:00.0")],
+                              driver_rev="bb11c85")
+    rev = LibcxiBackend(str(lib_path), str(root)).driver_revision()
+    assert rev == f"revision bb11c85 ({root}/class/cxi/cxi0/device/properties/driver_rev)"
 
 
 def test_unloadable_library_is_reported_with_the_loader_error(tmp_path, sysfs):
@@ -476,6 +500,27 @@ def test_unloadable_library_is_reported_with_the_loader_error(tmp_path, sysfs):
     not_elf.write_text("not a library\n" * 20)
     with pytest.raises(BackendUnavailable, match="invalid ELF header"):
         LibcxiBackend(lib_path=str(not_elf), sysfs_root=str(sysfs)).check()
+
+
+def test_a_library_where_the_loader_does_not_look_is_found_and_named(lib_path, sysfs, tmp_path,
+                                                                    monkeypatch):
+    """RHEL and SLES put libcxi in /usr/lib64, which the bundled Debian loader searches only
+    through /etc/ld.so.cache: say where the file is and how to make it found."""
+    from cxi_cni.cxi import libcxi
+
+    folder = tmp_path / "lib64"
+    folder.mkdir()
+    name = "libcxi-standin-elsewhere.so.1"
+    shutil.copy(lib_path, folder / name)
+    monkeypatch.setattr(libcxi, "LIBCXI_DIRS", (str(tmp_path / "nowhere"), str(folder)))
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
+    with pytest.raises(BackendUnavailable) as exc:
+        LibcxiBackend(lib_path=name, sysfs_root=str(sysfs)).check()
+    assert str(exc.value) == (
+        f"cannot load the CXI library {name}: it is at {folder / name}, but the dynamic loader "
+        "does not look there (it searched LD_LIBRARY_PATH (/opt/other), /etc/ld.so.cache and its "
+        f"default directories); run ldconfig so that /etc/ld.so.cache lists it, or set "
+        f"cxi.libcxi to {folder / name}")
 
 
 def test_no_devices_is_reported(lib_path, tmp_path):

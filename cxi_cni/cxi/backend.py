@@ -2,7 +2,9 @@
 
 Two implementations exist: `libcxi` (ctypes over the real library) and `sim` (simulated
 devices in a state file). Both raise `CxiError` carrying the negative errno the driver
-would return, so the code above them handles one set of failures.
+would return, so the code above them handles one set of failures. How a service is bound to
+a namespace differs between software stacks; each backend resolves its `stack`
+(stacks.py) once and hands it to the devices it opens.
 """
 
 from __future__ import annotations
@@ -96,14 +98,37 @@ class CxiError(Exception):
         super().__init__(text + (f": {detail}" if detail else ""))
 
 
+class VniInUse(CxiError):
+    """cxil_alloc_svc refused a VNI that another service of the device holds: the driver of
+    SHS 14.0.0 (like those of 13.x) gives a VNI to one service per NIC."""
+
+    def __init__(self, device: str, vni: int, holder: Service):
+        self.vni, self.holder = vni, holder
+        super().__init__("cxil_alloc_svc", device, errno_mod.EEXIST,
+                         f"VNI {vni} is held by service {holder.svc_id} on {device}, and this "
+                         "driver gives a VNI to one service per NIC")
+
+
 class BackendUnavailable(Exception):
     """The backend cannot serve at all (library missing, symbol missing, no devices)."""
 
 
+@dataclass(frozen=True)
+class LibraryInfo:
+    """What serves the driver calls: the library file (or the sim's state file), the symbol
+    versions it defines, and whether it has the netns calls of LIBCXI_1.10."""
+
+    file: str
+    versions: tuple[str, ...] = ()
+    netns_calls: bool = False
+
+
 class Device(Protocol):
-    """An open CXI device. Every call is one driver call and is atomic on its own."""
+    """An open CXI device. Every call is one driver call and is atomic on its own.
+    `list_services` fills each Service's netns_inode the way `stack` shows it."""
 
     name: str
+    stack: object  # stacks.Stack
 
     def alloc_svc(self, desc: ServiceDesc) -> int: ...
     def destroy_svc(self, svc_id: int) -> None: ...
@@ -119,9 +144,17 @@ class Backend(Protocol):
     """A set of CXI devices reached one way (real library or simulation)."""
 
     name: str
+    stack: object  # stacks.Stack, resolved on first use (BackendUnavailable if it cannot be)
 
     def check(self) -> None:
         """Raise BackendUnavailable with a plain reason when ADD could not be served."""
+
+    def library(self, with_versions: bool = False) -> LibraryInfo:
+        """The library (or state) behind the calls; BackendUnavailable if it cannot load.
+        The symbol versions are read from the file only when asked for."""
+
+    def driver_revision(self) -> str | None:
+        """What the driver says of its own version, where it says it (None: nowhere)."""
 
     def device_names(self) -> list[str]:
         """Names of the CXI devices present, like ["cxi0", "cxi1"], sorted."""

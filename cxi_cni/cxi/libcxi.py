@@ -3,7 +3,8 @@
 Devices are discovered through sysfs (`<root>/class/cxi/cxiN`); the root is `/sys`
 unless the `CXI_CNI_SYSFS_ROOT` environment variable (a test and debug hook) or the
 constructor names another. The library is loaded only when a call needs it, so importing
-this module costs no more than ctypes.
+this module costs no more than ctypes. Which stack the node runs (stacks.py) follows from
+the library's symbols: cxil_svc_set_netns and cxil_svc_get_netns are declared when present.
 """
 
 from __future__ import annotations
@@ -12,13 +13,23 @@ import ctypes
 import errno
 import os
 import re
+import sys
+from dataclasses import replace
 
 from cxi_cni.cxi import abi
-from cxi_cni.cxi.backend import BackendUnavailable, CxiError, Service, ServiceDesc
+from cxi_cni.cxi.backend import BackendUnavailable, CxiError, LibraryInfo, Service, ServiceDesc
+from cxi_cni.cxi.stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
 
 SYSFS_ROOT_ENV = "CXI_CNI_SYSFS_ROOT"
 DEFAULT_LIB_PATH = "libcxi.so.1"
 _CXI_NAME = re.compile(r"cxi(\d+)")
+_SYMBOL_VERSION = re.compile(rb"LIBCXI_(\d+)\.(\d+)\0")
+# Where libcxi packages put the library, looked at only to explain a failed load. The
+# loader itself searches LD_LIBRARY_PATH, /etc/ld.so.cache and its default directories
+# (for the bundled Debian loader /lib/x86_64-linux-gnu, /usr/lib/x86_64-linux-gnu, /lib
+# and /usr/lib: not /usr/lib64, where RHEL and SLES packages install it).
+LIBCXI_DIRS = ("/usr/lib64", "/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/opt/cray/lib64")
+DRIVER_REV = "device/properties/driver_rev"  # under class/cxi/cxiN: the driver's git revision
 _UINT32_MAX = 0xFFFFFFFF
 
 _dev_p = ctypes.c_void_p
@@ -39,21 +50,13 @@ _FUNCTIONS = {
     "cxil_free_svc_list": (None, [ctypes.c_void_p], "1.0", "free a service list"),
     "cxil_get_svc": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(abi.CxiSvcDesc)], "1.2", "read a service"),
     "cxil_svc_enable": (ctypes.c_int, [_dev_p, _uint, ctypes.c_bool], "1.9", "enable or disable a service"),
-    "cxil_svc_set_netns": (
-        ctypes.c_int,
-        [_dev_p, _uint, _uint],
-        "1.10",
-        "bind a service to a network namespace",
-    ),
-    "cxil_svc_get_netns": (
-        ctypes.c_int,
-        [_dev_p, _uint, ctypes.POINTER(_uint)],
-        "1.10",
-        "read the network namespace a service is bound to",
-    ),
 }
-# Declared when present; the plugin does not need them.
+# Declared when present: the netns calls of LIBCXI_1.10 (SHS >= 14.0.0), which the call
+# stacks need and the member stack does without, and calls the plugin does not use.
+_NETNS_FUNCTIONS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
 _OPTIONAL_FUNCTIONS = {
+    "cxil_svc_set_netns": (ctypes.c_int, [_dev_p, _uint, _uint]),
+    "cxil_svc_get_netns": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(_uint)]),
     "cxil_svc_set_vni_range": (ctypes.c_int, [_dev_p, _uint, ctypes.c_uint16, ctypes.c_uint16]),
 }
 
@@ -83,11 +86,11 @@ def _file_of(lib: ctypes.CDLL, lib_path: str) -> str:
 
 def load_library(lib_path: str) -> ctypes.CDLL:
     """dlopen libcxi and declare every function's types; BackendUnavailable with the
-    file and the missing symbol or the loader's error when it cannot serve."""
+    file and the missing symbol, or why the library cannot be loaded, when it cannot serve."""
     try:
         lib = ctypes.CDLL(lib_path)
     except OSError as exc:
-        raise BackendUnavailable(f"cannot load the CXI library {lib_path}: {exc}") from None
+        raise not_loaded(lib_path, exc) from None
     for name, (restype, argtypes, version, purpose) in _FUNCTIONS.items():
         if not hasattr(lib, name):
             raise BackendUnavailable(
@@ -102,6 +105,46 @@ def load_library(lib_path: str) -> ctypes.CDLL:
     return lib
 
 
+def not_loaded(lib_path: str, exc: OSError) -> BackendUnavailable:
+    """Why the loader could not load `lib_path`, in the words of a node's operator. The
+    frozen program's ctypes wraps the loader's error in PyInstaller's own ("not found when
+    the application was frozen"), which would send the reader to the build: the loader's
+    message is its cause."""
+    reason = str(exc.__cause__ or exc)
+    head = f"cannot load the CXI library {lib_path}: "
+    install = ("install libcxi (the HPE Slingshot host software's libcxi package) on the node, "
+               "or set cxi.libcxi to the library's full path")
+    if "No such file or directory" not in reason:
+        return BackendUnavailable(head + reason)
+    if "/" in lib_path:
+        return BackendUnavailable(f"{head}no such file (No such file or directory); {install}")
+    found = [os.path.join(d, lib_path) for d in LIBCXI_DIRS if os.path.isfile(os.path.join(d, lib_path))]
+    # The frozen program's bootloader sets its own folder, keeping the caller's value in _ORIG.
+    frozen = getattr(sys, "frozen", False)
+    ld_path = os.environ.get("LD_LIBRARY_PATH_ORIG" if frozen else "LD_LIBRARY_PATH") or "unset"
+    search = f"LD_LIBRARY_PATH ({ld_path}), /etc/ld.so.cache and its default directories"
+    if found:
+        return BackendUnavailable(
+            f"{head}it is at {found[0]}, but the dynamic loader does not look there (it searched "
+            f"{search}); run ldconfig so that /etc/ld.so.cache lists it, or set cxi.libcxi to "
+            f"{found[0]}")
+    return BackendUnavailable(
+        f"{head}libcxi is not installed on this node (No such file or directory: the dynamic "
+        f"loader searched {search}, and it is in none of {', '.join(LIBCXI_DIRS)}); {install}")
+
+
+def symbol_versions(path: str) -> tuple[str, ...]:
+    """The LIBCXI_x.y symbol versions a library file names, oldest first (what release of
+    the library it is: LIBCXI_1.10, with the netns calls, came with SHS 14.0.0)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(64 << 20)
+    except OSError:
+        return ()
+    found = {(int(major), int(minor)) for major, minor in _SYMBOL_VERSION.findall(data)}
+    return tuple(f"LIBCXI_{major}.{minor}" for major, minor in sorted(found))
+
+
 def _u32(op: str, device: str, value: int, what: str) -> int:
     """ctypes would truncate silently; an id that does not fit is an invalid argument."""
     if not 0 <= value <= _UINT32_MAX:
@@ -112,8 +155,9 @@ def _u32(op: str, device: str, value: int, what: str) -> int:
 class LibcxiDevice:
     """An open CXI device (struct cxil_dev *) of libcxi."""
 
-    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, name: str):
+    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, name: str, stack, lib_file: str):
         self._lib, self._handle, self.name = lib, handle, name
+        self.stack, self._lib_file = stack, lib_file
 
     def __enter__(self) -> LibcxiDevice:
         return self
@@ -149,15 +193,29 @@ class LibcxiDevice:
         svc_id = _u32("cxil_svc_enable", self.name, svc_id, "service id")
         self._check("cxil_svc_enable", self._lib.cxil_svc_enable(self._dev(), svc_id, bool(enable)))
 
+    def _netns_call(self, name: str):
+        if not hasattr(self._lib, name):
+            raise BackendUnavailable(f"{self._lib_file} has no {name} ({SET_NETNS_NEEDED})")
+        return getattr(self._lib, name)
+
     def svc_set_netns(self, svc_id: int, netns_inode: int) -> None:
+        set_netns = self._netns_call("cxil_svc_set_netns")
         svc_id = _u32("cxil_svc_set_netns", self.name, svc_id, "service id")
         inode = _u32("cxil_svc_set_netns", self.name, netns_inode, "netns inode")
-        self._check("cxil_svc_set_netns", self._lib.cxil_svc_set_netns(self._dev(), svc_id, inode))
+        self._check("cxil_svc_set_netns", set_netns(self._dev(), svc_id, inode))
 
     def _get_netns_rc(self, svc_id: int) -> tuple[int, int]:
         inode = _uint(0)
-        rc = self._lib.cxil_svc_get_netns(self._dev(), svc_id, ctypes.byref(inode))
+        rc = self._netns_call("cxil_svc_get_netns")(self._dev(), svc_id, ctypes.byref(inode))
         return rc, inode.value
+
+    def _listed_netns(self, svc_id: int) -> int:
+        """cxil_svc_get_netns for a listed service: -EINVAL means no netns entry."""
+        rc, inode = self._get_netns_rc(svc_id)
+        if rc == -errno.EINVAL:
+            return 0
+        self._check("cxil_svc_get_netns", rc)
+        return inode
 
     def svc_get_netns(self, svc_id: int) -> int:
         """The inode the service is bound to, 0 when it is bound to none. The driver
@@ -190,11 +248,7 @@ class LibcxiDevice:
         services = []
         for raw in raws:
             desc = abi.struct_to_desc(raw)
-            rc, inode = self._get_netns_rc(desc.svc_id)
-            if rc == -errno.EINVAL:  # listed, so it exists: no netns entry
-                inode = 0
-            else:
-                self._check("cxil_svc_get_netns", rc)
+            inode = self.stack.listed_netns(desc, self._listed_netns)
             services.append(Service(device=self.name, desc=desc, netns_inode=inode))
         return sorted(services, key=lambda service: service.svc_id)
 
@@ -204,26 +258,47 @@ class LibcxiDevice:
             self._lib.cxil_close_device(handle)
 
 
-class LibcxiBackend:
+class LibcxiBackend(ResolvesStack):
     """CXI devices reached through the real libcxi."""
 
     name = "libcxi"
 
-    def __init__(self, lib_path: str = DEFAULT_LIB_PATH, sysfs_root: str | None = None):
-        self.lib_path = lib_path
+    def __init__(self, lib_path: str = DEFAULT_LIB_PATH, sysfs_root: str | None = None,
+                 stack: str = AUTO):
+        self.lib_path, self.stack_choice = lib_path, stack
         self.sysfs_root = sysfs_root or os.environ.get(SYSFS_ROOT_ENV) or "/sys"
         self._lib: ctypes.CDLL | None = None
+        self._info: LibraryInfo | None = None
 
     def _library(self) -> ctypes.CDLL:
         if self._lib is None:
             self._lib = load_library(self.lib_path)
         return self._lib
 
+    def library(self, with_versions: bool = False) -> LibraryInfo:
+        if self._info is None:
+            lib = self._library()
+            self._info = LibraryInfo(_file_of(lib, self.lib_path), (),
+                                     all(hasattr(lib, name) for name in _NETNS_FUNCTIONS))
+        if with_versions and not self._info.versions:  # reads the file: for doctor, not ADD
+            self._info = replace(self._info, versions=symbol_versions(self._info.file))
+        return self._info
+
+    def driver_revision(self) -> str | None:
+        for name in self.device_names():
+            path = os.path.join(self._class_dir("cxi"), name, DRIVER_REV)
+            try:
+                with open(path) as fh:
+                    return f"revision {fh.read().strip() or '(empty)'} ({path})"
+            except OSError:
+                continue
+        return None
+
     def _class_dir(self, cls: str) -> str:
         return os.path.join(self.sysfs_root, "class", cls)
 
     def check(self) -> None:
-        self._library()
+        self.stack  # noqa: B018  (loads the library and resolves the stack, or says why not)
         if not self.device_names():
             raise BackendUnavailable(f"no CXI devices under {self._class_dir('cxi')} (is the cxi_core driver loaded?)")
 
@@ -258,7 +333,7 @@ class LibcxiBackend:
         match = _CXI_NAME.fullmatch(name)
         if not match or name not in self.device_names():
             raise CxiError("cxil_open_device", name, errno.ENODEV, f"no such CXI device under {self._class_dir('cxi')}")
-        lib = self._library()
+        lib, stack = self._library(), self.stack
         handle = _dev_p()
         rc = lib.cxil_open_device(int(match.group(1)), ctypes.byref(handle))
         if rc < 0:
@@ -273,4 +348,4 @@ class LibcxiBackend:
                 f"{self.lib_path} opened {opened_name!r} when asked for {name}: "
                 "sysfs and the library number devices differently"
             )
-        return LibcxiDevice(lib, handle, name)
+        return LibcxiDevice(lib, handle, name, stack, self.library().file)

@@ -1,5 +1,6 @@
-"""Per-namespace CXI services: bind one on each device in the vendor's sequence, undo it
-whole on failure, verify it, and destroy it again (retrying while an LNI holds it)."""
+"""Per-namespace CXI services: bind one on each device the way the node's stack does it
+(stacks.py), undo it whole on failure, verify it, and destroy it again (retrying while an
+LNI holds it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,16 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .backend import DEFAULT_SVC_ID, MEMBER_NET_NS, Backend, CxiError, Limit, Service, ServiceDesc
+from .backend import (
+    DEFAULT_SVC_ID,
+    MEMBER_IGNORE,
+    MEMBER_NET_NS,
+    Backend,
+    CxiError,
+    Limit,
+    Service,
+    ServiceDesc,
+)
 
 log = logging.getLogger("cxi_cni.services")
 
@@ -40,26 +50,26 @@ class ServiceSpec:
 def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: ServiceSpec,
                on_made: Callable[[Binding | None, str], None],
                step: Callable[[str], None] = lambda name: None) -> list[Binding]:
-    """On each device: alloc, disable, set netns, enable. On any failure destroy everything
-    made here.
+    """On each device: alloc and bind the way the backend's stack does it (the call stacks:
+    alloc, disable, set netns, enable; the member stack: alloc with the namespace as its
+    member). On any failure destroy everything made here.
 
     `on_made(None, device)` is called before each alloc and `on_made(binding, device)`
     after it, so the caller can record the intent and then the id (a crash in between
-    leaves an unbound member-less service that `destroy_orphans` recognises)."""
+    leaves a service that `destroy_orphans` recognises)."""
     made: list[Binding] = []
     try:
         for index, name in enumerate(devices):
             dev = backend.open(name)
             try:
                 on_made(None, name)
-                svc_id = dev.alloc_svc(spec.desc())
+                svc_id = dev.stack.alloc(dev, spec.desc(), inode)
                 made.append(Binding(name, svc_id))
                 step(f"after-alloc-{index}")
                 on_made(made[-1], name)
-                dev.svc_enable(svc_id, False)
-                dev.svc_set_netns(svc_id, inode)
+                dev.stack.bind(dev, svc_id, inode)
                 step(f"after-bind-{index}")
-                dev.svc_enable(svc_id, True)
+                dev.stack.enable(dev, svc_id)
             finally:
                 dev.close()
     except BaseException:
@@ -99,7 +109,7 @@ def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], N
 def destroy_if_bound(dev, svc_id: int, inode: int) -> bool:
     """Destroy `svc_id` if it is (still) bound to `inode`; False if it is gone or not."""
     try:
-        if dev.svc_get_netns(svc_id) != inode:
+        if dev.stack.netns_of(dev, svc_id) != inode:
             return False
         dev.destroy_svc(svc_id)
     except CxiError as exc:
@@ -134,7 +144,7 @@ def destroy_one(backend: Backend, binding: Binding, inode: int, busy_delays) -> 
         raise
     try:
         try:
-            bound = dev.svc_get_netns(binding.svc_id)
+            bound = dev.stack.netns_of(dev, binding.svc_id)
         except CxiError as exc:
             if exc.errno == errno.EINVAL:
                 return
@@ -164,7 +174,7 @@ def differences(backend: Backend, binding: Binding, inode: int, spec: ServiceSpe
     try:
         try:
             desc = dev.get_svc(binding.svc_id)
-            bound = dev.svc_get_netns(binding.svc_id)
+            bound = dev.stack.netns_of(dev, binding.svc_id)
         except CxiError as exc:
             if exc.errno == errno.EINVAL:
                 return [f"{where} no longer exists"]
@@ -187,23 +197,27 @@ def differences(backend: Backend, binding: Binding, inode: int, spec: ServiceSpe
     return problems
 
 
-def is_orphan_shape(svc: Service) -> bool:
-    """A service as this plugin leaves it between alloc and set_netns: restricted to no
-    member at all and bound to nothing. Nobody can use it; only a crash leaves it."""
+def is_orphan_shape(svc: Service, inode: int = 0) -> bool:
+    """A service as a crashed ADD for namespace `inode` leaves it between alloc and recording
+    its id: on the call stacks restricted to no member at all and bound to nothing (nobody
+    can use it); on the member stack already bound to `inode` through its member."""
     desc = svc.desc
-    return (svc.svc_id != DEFAULT_SVC_ID and svc.netns_inode == 0 and desc.restricted_members
-            and all(m.type == 0 for m in desc.members))
+    if svc.svc_id == DEFAULT_SVC_ID or not desc.restricted_members:
+        return False
+    if svc.netns_inode == 0:
+        return all(m.type == MEMBER_IGNORE for m in desc.members)
+    return bool(inode) and svc.netns_inode == inode
 
 
 def destroy_orphans(backend: Backend, device: str, vnis: tuple[int, ...] | None,
-                    claimed: set[tuple[str, int]]) -> list[int]:
-    """Destroy orphan-shaped services on `device` (with these VNIs, if given) that no
-    record claims."""
+                    claimed: set[tuple[str, int]], inode: int = 0) -> list[int]:
+    """Destroy orphan-shaped services on `device` (with these VNIs, if given; bound to
+    `inode`, if given, counts as orphan-shaped) that no record claims."""
     dev = backend.open(device)
     destroyed = []
     try:
         for svc in dev.list_services():
-            if not is_orphan_shape(svc) or (device, svc.svc_id) in claimed:
+            if not is_orphan_shape(svc, inode) or (device, svc.svc_id) in claimed:
                 continue
             if vnis is not None and tuple(svc.desc.vnis) != tuple(vnis):
                 continue

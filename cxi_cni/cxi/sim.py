@@ -3,6 +3,12 @@
 Every call is one transaction: an exclusive flock on `<state>.lock`, read, change, write
 to a temporary file and rename over the state, so concurrent plugin processes see the
 same devices a real driver would show them.
+
+The state's "stack" says which software stack the simulation is (EMULATED): its library's
+calls and its driver's rules. shs-14.0.1 (the default) and shs-14.0.0 have the netns calls,
+and 14.0.0 refuses a VNI another service holds; netns-member has no netns calls and takes a
+NET_NS member at alloc; shs-13 has neither (a node that cannot bind services at all).
+Rules that later features add (pools, fail_info, lpr) belong in SimDevice's checks too.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+from dataclasses import dataclass
 
 from .backend import (
     DEFAULT_SVC_ID,
@@ -22,26 +29,52 @@ from .backend import (
     TRAFFIC_CLASSES,
     BackendUnavailable,
     CxiError,
+    LibraryInfo,
     Limit,
     Member,
     Service,
     ServiceDesc,
 )
+from .stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
 
 STATE_VERSION = 1
+DEFAULT_STACK = "shs-14.0.1"
+NETNS_CALLS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
+
+
+@dataclass(frozen=True)
+class Emulated:
+    """The library calls and driver rules of one simulated stack."""
+
+    netns_calls: bool  # the library has cxil_svc_set_netns / cxil_svc_get_netns
+    unique_vnis: bool  # alloc is -EEXIST when another service holds one of the VNIs
+    member_types: int  # member types the driver accepts: 3 without NET_NS, 4 with
+
+
+EMULATED = {
+    "shs-14.0.1": Emulated(netns_calls=True, unique_vnis=False, member_types=4),
+    "shs-14.0.0": Emulated(netns_calls=True, unique_vnis=True, member_types=4),
+    "netns-member": Emulated(netns_calls=False, unique_vnis=False, member_types=4),
+    "shs-13": Emulated(netns_calls=False, unique_vnis=False, member_types=3),
+}
 
 # Resource totals of one simulated NIC, in the order of backend.RESOURCES.
 DEFAULT_TOTALS = dict(zip(RESOURCES, (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022), strict=True))
 
 
-def default_state() -> dict:
+def default_state(stack: str = DEFAULT_STACK) -> dict:
     """Two NICs, cxi0 behind hsn0 and cxi1 behind hsn1, each with its default service."""
     return {
         "version": STATE_VERSION,
+        "stack": stack,
         "devices": {
             f"cxi{n}": new_device(f"hsn{n}", f"0000:{0x41 + n:02x}:00.0") for n in range(2)
         },
     }
+
+
+def emulated(state: dict) -> Emulated:
+    return EMULATED[state.get("stack", DEFAULT_STACK)]
 
 
 def new_device(netdev: str, pci: str, vf: bool = False, totals: dict | None = None) -> dict:
@@ -125,6 +158,8 @@ class SimState:
             state = json.loads(raw)
             if state.get("version") != STATE_VERSION or not isinstance(state.get("devices"), dict):
                 raise ValueError(f"expected a version {STATE_VERSION} state with devices")
+            if state.get("stack", DEFAULT_STACK) not in EMULATED:
+                raise ValueError(f"unknown stack {state['stack']!r}, not one of {', '.join(EMULATED)}")
         except (ValueError, AttributeError) as exc:
             raise BackendUnavailable(
                 f"the sim state {self.path} is damaged ({exc}); "
@@ -142,16 +177,20 @@ class SimState:
 class SimDevice:
     """One simulated NIC; each method is a driver call with the driver's errnos."""
 
-    def __init__(self, state: SimState, name: str):
-        self.state, self.name = state, name
+    def __init__(self, state: SimState, name: str, stack):
+        self.state, self.name, self.stack = state, name, stack
 
     @contextlib.contextmanager
     def _device(self, op: str, write: bool = True):
+        """The device's state and the rules of the emulated stack, for one call."""
         with self.state.transaction(write) as state:
-            device = state["devices"].get(self.name)
+            device, rules = state["devices"].get(self.name), emulated(state)
             if device is None:
                 raise CxiError(op, self.name, errno.ENODEV, "the device is gone")
-            yield device
+            if op in NETNS_CALLS and not rules.netns_calls:
+                raise BackendUnavailable(f"the simulated library ({state['stack']}) has no {op} "
+                                         f"({SET_NETNS_NEEDED})")
+            yield device, rules
 
     def _service(self, device: dict, op: str, svc_id: int) -> dict:
         svc = device["services"].get(str(svc_id))
@@ -161,8 +200,10 @@ class SimDevice:
 
     def alloc_svc(self, desc: ServiceDesc) -> int:
         op = "cxil_alloc_svc"
-        with self._device(op) as device:
-            self._validate(op, device, desc)
+        with self._device(op) as (device, rules):
+            self._validate(op, device, desc, rules)
+            if rules.unique_vnis and desc.restricted_vnis:
+                self._refuse_held_vnis(op, device, desc.vnis)
             used = {int(i) for i in device["services"]}
             svc_id = next(i for i in range(DEFAULT_SVC_ID + 1, len(used) + 3) if i not in used)
             stored = desc_to_json(desc)
@@ -171,11 +212,11 @@ class SimDevice:
             device["services"][str(svc_id)] = {"desc": stored, "netns": 0, "busy": 0}
             return svc_id
 
-    def _validate(self, op: str, device: dict, desc: ServiceDesc) -> None:
+    def _validate(self, op: str, device: dict, desc: ServiceDesc, rules: Emulated) -> None:
         def invalid(why: str):
             return CxiError(op, self.name, errno.EINVAL, why)
 
-        if any(m.type not in range(4) for m in desc.members):
+        if any(m.type not in range(rules.member_types) for m in desc.members):
             raise invalid("unknown member type")
         if desc.restricted_vnis:
             if not 1 <= len(desc.vnis) <= MAX_VNIS:
@@ -207,9 +248,15 @@ class SimDevice:
             avail = ", ".join(f"{n}={v}" for n, v in short.items())
             raise CxiError(op, self.name, errno.ENOSPC, f"available: {avail}")
 
+    def _refuse_held_vnis(self, op: str, device: dict, vnis) -> None:
+        for svc in device["services"].values():
+            held = set(svc["desc"]["vnis"]) & set(vnis) if svc["desc"]["restricted_vnis"] else ()
+            if held:
+                raise CxiError(op, self.name, errno.EEXIST, f"VNI {min(held)} overlaps a profile")
+
     def destroy_svc(self, svc_id: int) -> None:
         op = "cxil_destroy_svc"
-        with self._device(op) as device:
+        with self._device(op) as (device, _):
             if svc_id == DEFAULT_SVC_ID:
                 raise CxiError(op, self.name, errno.EINVAL, "the default service cannot be destroyed")
             svc = self._service(device, op, svc_id)
@@ -219,55 +266,71 @@ class SimDevice:
 
     def svc_enable(self, svc_id: int, enable: bool) -> None:
         op = "cxil_svc_enable"
-        with self._device(op) as device:
+        with self._device(op) as (device, _):
             self._service(device, op, svc_id)["desc"]["enable"] = bool(enable)
 
     def svc_set_netns(self, svc_id: int, netns_inode: int) -> None:
         op = "cxil_svc_set_netns"
-        with self._device(op) as device:
-            svc = self._service(device, op, svc_id)
+        with self._device(op) as (device, _):  # the driver's order: VF, id, members, enabled
             if device["vf"]:
                 raise CxiError(op, self.name, errno.EPERM, "not the physical function")
+            svc = self._service(device, op, svc_id)
             desc = svc["desc"]
             if not desc["restricted_members"] or any(
                 t in (MEMBER_UID, MEMBER_GID) for _, t in desc["members"]
             ):
                 raise CxiError(op, self.name, errno.EEXIST,
                                "needs restricted_members and no UID/GID member")
+            if desc["enable"]:
+                raise CxiError(op, self.name, errno.EBUSY, "the service is enabled")
             svc["netns"] = netns_inode
 
     def svc_get_netns(self, svc_id: int) -> int:
         op = "cxil_svc_get_netns"
-        with self._device(op, write=False) as device:
+        with self._device(op, write=False) as (device, _):
             return self._service(device, op, svc_id)["netns"]
 
     def get_svc(self, svc_id: int) -> ServiceDesc:
         op = "cxil_get_svc"
-        with self._device(op, write=False) as device:
+        with self._device(op, write=False) as (device, _):
             return desc_from_json(self._service(device, op, svc_id)["desc"])
 
     def list_services(self) -> list[Service]:
-        with self._device("cxil_get_svc_list", write=False) as device:
-            return [Service(self.name, desc_from_json(s["desc"]), s["netns"])
-                    for s in device["services"].values()]
+        with self._device("cxil_get_svc_list", write=False) as (device, _):
+            netns = {int(sid): svc["netns"] for sid, svc in device["services"].items()}
+            services = [desc_from_json(svc["desc"]) for svc in device["services"].values()]
+        return [Service(self.name, desc, self.stack.listed_netns(desc, netns.__getitem__))
+                for desc in services]
 
     def close(self) -> None:
         pass
 
 
-class SimBackend:
+class SimBackend(ResolvesStack):
     """Simulated CXI devices in the state file `path` (created with defaults if absent)."""
 
     name = "sim"
 
-    def __init__(self, path: str):
-        self.state = SimState(path)
+    def __init__(self, path: str, stack: str = AUTO):
+        self.state, self.stack_choice = SimState(path), stack
 
     def _devices(self) -> dict:
         with self.state.transaction(write=False) as state:
             return state["devices"]
 
+    def emulated_stack(self) -> str:
+        with self.state.transaction(write=False) as state:
+            return state.get("stack", DEFAULT_STACK)
+
+    def library(self, with_versions: bool = False) -> LibraryInfo:
+        stack = self.emulated_stack()
+        return LibraryInfo(f"the simulated library ({stack})", (), EMULATED[stack].netns_calls)
+
+    def driver_revision(self) -> str | None:
+        return f"simulated {self.emulated_stack()} ({self.state.path})"
+
     def check(self) -> None:
+        self.stack  # noqa: B018  (resolves the stack, or says why it cannot)
         if not self._devices():
             raise BackendUnavailable(f"the sim state {self.state.path} has no CXI devices")
 
@@ -283,4 +346,4 @@ class SimBackend:
     def open(self, name: str) -> SimDevice:
         if name not in self._devices():
             raise CxiError("cxil_open_device", name, errno.ENODEV, "no such CXI device")
-        return SimDevice(self.state, name)
+        return SimDevice(self.state, name, self.stack)

@@ -8,12 +8,24 @@
  * VNI checks, res <= max <= device total, member types, -EINVAL/-EBUSY/-EEXIST/-EPERM.
  *
  * State file: path in $FAKE_LIBCXI_STATE, locked with flock() for each call. Lines:
+ *   driver <stack>
  *   dev <dev_id> <is_vf> <8 comma-separated resource totals>
  *   svc <dev_id> <svc_id> <busy> <netns_inode> <vni_min> <vni_max> <136 hex digits>
  * busy > 0 means an LNI still uses the service (tests set it to provoke -EBUSY); the
  * hex digits are the 68 raw bytes of the stored struct cxi_svc_desc. A device is added
  * with a default service 1 the first time it is opened. Like the driver, a new service
  * gets the lowest free id, so ids of destroyed services are reused.
+ *
+ * The driver line says which driver the library talks to (default shs-14.0.1):
+ *   shs-14.0.1    SVC_SET_NETNS / SVC_GET_NETNS; VNIs may be shared between services
+ *   shs-14.0.0    the same, but alloc is -EEXIST when another service holds one of the VNIs
+ *   netns-member  the research patches: member type NET_NS at alloc, no netns ops
+ *   shs-13        neither: member types up to GID, no netns ops
+ * A driver without the netns ops answers them -EINVAL, as for an unknown op. Rules that
+ * later features add (pools, fail_info, lpr) belong in struct driver and validate_desc.
+ *
+ * With $FAKE_LIBCXI_DEV_DIR set, cxil_open_device opens <dir>/cxiN read-write first and
+ * fails with its errno, as libcxi fails when /dev/cxiN is missing or not permitted.
  *
  * Build with -DNO_NETNS to leave out cxil_svc_set_netns and cxil_svc_get_netns, as in
  * a libcxi older than 1.10.
@@ -122,8 +134,23 @@ struct fake_svc {
 	struct cxi_svc_desc desc;
 };
 
+struct driver {
+	char name[32];
+	bool netns_ops;   /* SVC_SET_NETNS and SVC_GET_NETNS exist */
+	bool unique_vnis; /* a VNI belongs to one service per device */
+	int member_max;   /* member types below this are accepted */
+};
+
+static const struct driver drivers[] = {
+	{"shs-14.0.1", true, false, MEMBER_MAX},
+	{"shs-14.0.0", true, true, MEMBER_MAX},
+	{"netns-member", false, false, MEMBER_MAX},
+	{"shs-13", false, false, MEMBER_NET_NS},
+};
+
 struct state {
 	int fd;
+	struct driver driver;
 	int ndevs, nsvcs;
 	struct fake_dev devs[MAX_DEVS];
 	struct fake_svc svcs[MAX_SVCS];
@@ -151,8 +178,19 @@ static int parse_line(struct state *st, char *line)
 	unsigned int svc_id;
 	uint8_t *bytes = (uint8_t *)&s.desc;
 
+	char name[32];
+
 	if (line[0] == '#' || line[0] == '\n' || line[0] == '\0')
 		return 0;
+	if (sscanf(line, "driver %31s", name) == 1) {
+		for (size_t i = 0; i < sizeof(drivers) / sizeof(drivers[0]); i++) {
+			if (!strcmp(drivers[i].name, name)) {
+				st->driver = drivers[i];
+				return 0;
+			}
+		}
+		return -EIO;
+	}
 	if (sscanf(line, "dev %u %u %hu,%hu,%hu,%hu,%hu,%hu,%hu,%hu", &d.dev_id, &d.is_vf,
 		   &d.totals[0], &d.totals[1], &d.totals[2], &d.totals[3], &d.totals[4],
 		   &d.totals[5], &d.totals[6], &d.totals[7]) == 10) {
@@ -190,6 +228,7 @@ static int state_load(struct state *st)
 	int rc = 0;
 
 	st->ndevs = st->nsvcs = 0;
+	st->driver = drivers[0];
 	if (!path || !*path) {
 		complain("FAKE_LIBCXI_STATE is not set");
 		return -ENODEV;
@@ -228,6 +267,7 @@ static int state_save(struct state *st)
 	f = fdopen(dup(st->fd), "w");
 	if (!f)
 		return -errno;
+	fprintf(f, "driver %s\n", st->driver.name);
 	for (int i = 0; i < st->ndevs; i++) {
 		struct fake_dev *d = &st->devs[i];
 
@@ -281,14 +321,20 @@ static struct fake_svc *find_svc(struct state *st, unsigned int dev_id, unsigned
 	return NULL;
 }
 
-static void add_default_device(struct state *st, unsigned int dev_id)
+static struct fake_dev *add_device(struct state *st, unsigned int dev_id)
 {
 	struct fake_dev *d = &st->devs[st->ndevs++];
-	struct fake_svc *s = &st->svcs[st->nsvcs++];
 
 	memset(d, 0, sizeof(*d));
 	d->dev_id = dev_id;
 	memcpy(d->totals, default_totals, sizeof(d->totals));
+	return d;
+}
+
+static void add_default_service(struct state *st, const struct fake_dev *d)
+{
+	struct fake_svc *s = &st->svcs[st->nsvcs++];
+	unsigned int dev_id = d->dev_id;
 
 	/* Like the driver's default service: restricted VNIs 1 and 10, TCs 0-3, left
 	 * disabled, reserving TLEs. */
@@ -324,6 +370,23 @@ static int begin(struct state *st, const struct cxil_dev *dev, struct fake_dev *
 	return 0;
 }
 
+/* Like libcxi's open of /dev/cxiN, under $FAKE_LIBCXI_DEV_DIR when that is set. */
+static int open_device_file(uint32_t dev_id)
+{
+	const char *dir = getenv("FAKE_LIBCXI_DEV_DIR");
+	char path[4096];
+	int fd;
+
+	if (!dir || !*dir)
+		return 0;
+	snprintf(path, sizeof(path), "%s/cxi%u", dir, dev_id);
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	close(fd);
+	return 0;
+}
+
 EXPORT int cxil_open_device(uint32_t dev_id, struct cxil_dev **dev)
 {
 	struct state *st;
@@ -332,6 +395,9 @@ EXPORT int cxil_open_device(uint32_t dev_id, struct cxil_dev **dev)
 
 	if (!dev || dev_id >= MAX_DEVS)
 		return -EINVAL;
+	rc = open_device_file(dev_id);
+	if (rc)
+		return rc;
 	st = calloc(1, sizeof(*st));
 	out = calloc(1, sizeof(*out));
 	if (!st || !out) {
@@ -341,15 +407,18 @@ EXPORT int cxil_open_device(uint32_t dev_id, struct cxil_dev **dev)
 	}
 	rc = state_load(st);
 	if (!rc) {
+		/* A device appears at its first open (or was declared by a dev line), and
+		 * has its default service from then on. */
+		struct fake_dev *d = find_dev(st, dev_id);
 		bool added = false;
 
-		if (!find_dev(st, dev_id)) {
-			if (st->ndevs == MAX_DEVS || st->nsvcs == MAX_SVCS) {
-				rc = -ENOSPC;
-			} else {
-				add_default_device(st, dev_id);
-				added = true;
-			}
+		if (!d && st->ndevs < MAX_DEVS)
+			d = add_device(st, dev_id);
+		if (!d || (!find_svc(st, dev_id, DEFAULT_SVC_ID) && st->nsvcs == MAX_SVCS)) {
+			rc = -ENOSPC;
+		} else if (!find_svc(st, dev_id, DEFAULT_SVC_ID)) {
+			add_default_service(st, d);
+			added = true;
 		}
 		rc = state_done(st, added, rc);
 	}
@@ -387,7 +456,8 @@ static int check_bytes(const struct cxi_svc_desc *desc)
 	return 0;
 }
 
-static int validate_desc(const struct cxi_svc_desc *desc, const struct fake_dev *d)
+static int validate_desc(const struct state *st, const struct cxi_svc_desc *desc,
+			 const struct fake_dev *d)
 {
 	if (desc->flags & F_RESTRICTED_VNIS) {
 		if (desc->num_vld_vnis < 1 || desc->num_vld_vnis > MAX_VNIS)
@@ -398,7 +468,7 @@ static int validate_desc(const struct cxi_svc_desc *desc, const struct fake_dev 
 	}
 	if (desc->flags & F_RESTRICTED_MEMBERS) {
 		for (int i = 0; i < NUM_MEMBERS; i++)
-			if (desc->members[i].type < 0 || desc->members[i].type >= MEMBER_MAX)
+			if (desc->members[i].type < 0 || desc->members[i].type >= st->driver.member_max)
 				return -EINVAL;
 	}
 	if (desc->flags & F_RESOURCE_LIMITS) {
@@ -424,6 +494,25 @@ static uint16_t available(struct state *st, const struct fake_dev *d, int r)
 			reserved += s->desc.limits[r].res;
 	}
 	return reserved >= d->totals[r] ? 0 : (uint16_t)(d->totals[r] - reserved);
+}
+
+/* The 14.0.0 driver's profile check: -EEXIST when another service holds one of the VNIs. */
+static int vnis_free(const struct state *st, const struct fake_dev *d,
+		     const struct cxi_svc_desc *desc)
+{
+	if (!st->driver.unique_vnis || !(desc->flags & F_RESTRICTED_VNIS))
+		return 0;
+	for (int i = 0; i < st->nsvcs; i++) {
+		const struct fake_svc *s = &st->svcs[i];
+
+		if (s->dev_id != d->dev_id || !(s->desc.flags & F_RESTRICTED_VNIS))
+			continue;
+		for (int a = 0; a < s->desc.num_vld_vnis && a < MAX_VNIS; a++)
+			for (int b = 0; b < desc->num_vld_vnis && b < MAX_VNIS; b++)
+				if (s->desc.vnis[a] == desc->vnis[b])
+					return -EEXIST;
+	}
+	return 0;
 }
 
 static unsigned int lowest_free_id(struct state *st, const struct fake_dev *d)
@@ -476,7 +565,9 @@ EXPORT int cxil_alloc_svc(struct cxil_dev *dev, const struct cxi_svc_desc *desc,
 	rc = begin(st, dev, &d);
 	if (rc)
 		goto out;
-	rc = validate_desc(desc, d);
+	rc = validate_desc(st, desc, d);
+	if (!rc)
+		rc = vnis_free(st, d, desc);
 	if (!rc)
 		rc = reserve(st, d, desc, fail);
 	if (!rc && st->nsvcs == MAX_SVCS)
@@ -586,6 +677,8 @@ static int op_set_netns(struct state *st, struct fake_dev *d, unsigned int svc_i
 {
 	struct fake_svc *s;
 
+	if (!st->driver.netns_ops)
+		return -EINVAL;
 	if (d->is_vf)
 		return -EPERM;
 	s = find_svc(st, d->dev_id, svc_id);
@@ -596,6 +689,8 @@ static int op_set_netns(struct state *st, struct fake_dev *d, unsigned int svc_i
 	for (int i = 0; i < NUM_MEMBERS; i++)
 		if (s->desc.members[i].type == MEMBER_UID || s->desc.members[i].type == MEMBER_GID)
 			return -EEXIST;
+	if (s->desc.flags & F_ENABLE) /* the driver refuses to change an enabled rgroup */
+		return -EBUSY;
 	s->netns = *(unsigned int *)arg;
 	return 0;
 }
@@ -610,7 +705,7 @@ static int op_get_netns(struct state *st, struct fake_dev *d, unsigned int svc_i
 	struct fake_svc *s = find_svc(st, d->dev_id, svc_id);
 
 	/* Like the driver: -EINVAL for an unknown service and for one with no netns. */
-	if (!s || !s->netns)
+	if (!st->driver.netns_ops || !s || !s->netns)
 		return -EINVAL;
 	*(unsigned int *)arg = s->netns;
 	return 0;

@@ -12,7 +12,11 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fake_libcxi.c")
 STATE_ENV = "FAKE_LIBCXI_STATE"
+DEV_DIR_ENV = "FAKE_LIBCXI_DEV_DIR"
 HPE_VENDOR = "0x17db"
+# The drivers the stand-in emulates (the `driver` line of its state) and whether the real
+# library of that stack has cxil_svc_set_netns / cxil_svc_get_netns.
+DRIVERS = {"shs-14.0.1": True, "shs-14.0.0": True, "netns-member": False, "shs-13": False}
 
 # Symbol versions as in the real library, so lookups go through versioned symbols.
 _VERSIONS = (
@@ -87,13 +91,18 @@ class Nic:
     pci: str
 
 
-def make_sysfs(root: Path, nics: list[Nic], plain_netdevs: tuple[str, ...] = ()) -> Path:
+def make_sysfs(root: Path, nics: list[Nic], plain_netdevs: tuple[str, ...] = (),
+               driver_rev: str | None = None) -> Path:
     """class/cxi/<cxi>/device and class/net/<netdev>/device point at the same fake PCI
-    device (vendor 0x17db, with net/<netdev>); plain_netdevs have no device link."""
+    device (vendor 0x17db, with net/<netdev>, and properties/driver_rev, where the driver
+    shows its revision, when given); plain_netdevs have no device link."""
     for nic in nics:
         pci_dir = root / "devices" / "pci0000:00" / nic.pci
         (pci_dir / "net" / nic.netdev).mkdir(parents=True, exist_ok=True)
         (pci_dir / "vendor").write_text(HPE_VENDOR + "\n")
+        if driver_rev is not None:
+            (pci_dir / "properties").mkdir(exist_ok=True)
+            (pci_dir / "properties" / "driver_rev").write_text(driver_rev + "\n")
         for cls, name in (("cxi", nic.cxi), ("net", nic.netdev)):
             entry = root / "class" / cls / name
             entry.mkdir(parents=True, exist_ok=True)
@@ -106,6 +115,13 @@ def make_sysfs(root: Path, nics: list[Nic], plain_netdevs: tuple[str, ...] = ())
 
 def state_lines(state: Path) -> list[list[str]]:
     return [line.split() for line in state.read_text().splitlines() if line.strip()]
+
+
+def write_driver(state: Path, driver: str) -> None:
+    """Choose the driver the library talks to (one of DRIVERS), before the first call."""
+    assert driver in DRIVERS, driver
+    with state.open("a") as f:
+        f.write(f"driver {driver}\n")
 
 
 def write_device(
