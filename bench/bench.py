@@ -137,13 +137,17 @@ class Bench:
             ip("netns", "del", name, check=False)
             self.ws.namespaces.remove(name)
 
-    def link_plugins(self) -> None:
+    def link_plugins(self, others: dict[str, str]) -> None:
+        """VERSION, then ADD/CHECK/DEL with a macvlan link, interleaved run by run with the
+        Go plugin and the other builds of cxi (label: binary) being compared."""
         plugins = {"cxi": (self.binary, self.cxi_conf("link-cxi", master=True)),
                    "go macvlan": (str(GO_PLUGINS / "macvlan"), self.macvlan_conf("link-go"))}
         for label, (binary, _) in plugins.items():
             for _ in range(self.runs):
                 self.series_for("link", label, "VERSION").add(
                     invoke(binary, "VERSION", {"cniVersion": "1.0.0"}, None, "v"))
+        for label, other in others.items():
+            plugins[label] = (other, self.cxi_conf(f"link-cmp-{label}", master=True))
         self.lifecycle("link", plugins, ("ADD", "CHECK", "DEL"))
 
     def chained(self) -> None:
@@ -218,6 +222,12 @@ def shown(path: str) -> str:
     return str(full.relative_to(REPO)) if full.is_relative_to(REPO) else full.name
 
 
+def compare_label(binary: str, i: int) -> str:
+    """How the rows name another build: its file name, unless that is the main binary's."""
+    name = Path(binary).name
+    return name if name != "cxi" else f"cxi-{i + 2}"
+
+
 def table(rows: list[list[str]]) -> str:
     head = ["scenario", "plugin", "command", "runs", "median ms", "p95 ms", "peak RSS MiB", "failures"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -244,10 +254,10 @@ def main() -> int:
         bench = Bench(ws, opts.binary, opts.runs)
         started = datetime.datetime.now().astimezone()
         desc = machine()
-        bench.link_plugins()
+        others = {compare_label(other, i): other for i, other in enumerate(opts.compare)}
+        bench.link_plugins(others)
         bench.chained()
-        for other in opts.compare:
-            label = Path(other).name
+        for label, other in others.items():
             conf = bench.cxi_conf(f"cmp-{label}", master=False)
             for _ in range(opts.runs):
                 bench.series_for("build", label, "VERSION").add(
@@ -265,7 +275,8 @@ def main() -> int:
     report = "\n".join([
         f"# cxi benchmark, {started:%Y-%m-%d %H:%M %Z}", "",
         f"Machine: {desc}.", f"Binary: `{shown(opts.binary)}`, {opts.runs} runs per command"
-        + (f"; `build` rows: other builds timed alongside ({', '.join(map(shown, opts.compare))})."
+        + (f"; `build` rows and the extra `link` rows: other builds timed alongside "
+           f"({', '.join(f'{label} = {shown(other)}' for label, other in others.items())})."
            if opts.compare else "."), "",
         table(rows), "",
         f"{opts.concurrency} concurrent ADDs on distinct netns, then as many DELs "

@@ -1,16 +1,20 @@
-"""Netlink work for the pod's link (pyroute2, imported only here and only when needed): find
-the master, create an ipvlan or macvlan link straight into the pod's network namespace,
-rename, address and route it, read it back for CHECK, and delete it."""
+"""Netlink work for the pod's link, on a plain rtnetlink socket with pyroute2's message
+classes (imported only here and only when needed): find the master, create an ipvlan or
+macvlan link straight into the pod's network namespace, rename, address and route it, read
+it back for CHECK, and delete it."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import ipaddress
 import os
 import socket
+import struct
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 from .netns import Netns
@@ -20,6 +24,10 @@ IFA_F_TENTATIVE = 0x40
 DAD_SETTLE_SECONDS = 5.0
 MACVLAN_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8}
 IPVLAN_MODES = {"l2": 0, "l3": 1, "l3s": 2}
+RTEXT_FILTER_SKIP_STATS = 1 << 3  # link replies without their counters
+RT_TABLE_MAIN = 254
+DUMP_ATTEMPTS = 5  # a dump the kernel marks inconsistent (NLM_F_DUMP_INTR) is asked again
+NLMSG_SEQ_OFFSET = 8  # struct nlmsghdr: length, type, flags, then the sequence number
 
 
 class LinkError(Exception):
@@ -30,33 +38,51 @@ class LinkError(Exception):
         self.errno = errno
 
 
-def rtnl_api():
-    """pyroute2's IPRoute and NetlinkError without running pyroute2/__init__.py, which
-    imports every subsystem (conntrack, nftables, wireguard, ...) and costs about 60 ms of
-    each invocation that touches links. The package object is made from its spec so submodules import normally; the
-    first access to a top-level name (`from pyroute2 import X` elsewhere) runs the real
-    __init__, so other users of pyroute2 see the usual package."""
-    if "pyroute2" not in sys.modules:
-        spec = importlib.util.find_spec("pyroute2")
-        package = importlib.util.module_from_spec(spec)
-        completing = []
+def without_package_init() -> None:
+    """Make `pyroute2` importable without running pyroute2/__init__.py, which imports every
+    subsystem (conntrack, nftables, wireguard, ...) and costs about 60 ms. The package object
+    is made from its spec so submodules import normally; the first access to a top-level
+    name (`from pyroute2 import X` elsewhere) runs the real __init__, so other users of
+    pyroute2 see the usual package."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    package = importlib.util.module_from_spec(spec)
+    completing = []
 
-        def complete(name):
-            # `from pyroute2 import config` asks for the attribute before importing the
-            # submodule: submodules must not run the real __init__.
-            if completing or name.startswith("__") or importlib.util.find_spec(f"pyroute2.{name}"):
-                raise AttributeError(name)
-            completing.append(name)
-            del package.__getattr__
-            spec.loader.exec_module(package)
-            return getattr(package, name)
+    def complete(name):
+        # `from pyroute2 import config` asks for the attribute before importing the
+        # submodule: submodules must not run the real __init__.
+        if completing or name.startswith("__") or importlib.util.find_spec(f"pyroute2.{name}"):
+            raise AttributeError(name)
+        completing.append(name)
+        del package.__getattr__
+        spec.loader.exec_module(package)
+        return getattr(package, name)
 
-        package.__getattr__ = complete
-        sys.modules["pyroute2"] = package
-    from pyroute2.iproute.linux import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    package.__getattr__ = complete
+    sys.modules["pyroute2"] = package
 
-    return IPRoute, NetlinkError
+
+@functools.cache
+def rtnl_api() -> types.SimpleNamespace:
+    """The synchronous part of pyroute2 this module needs: the rtnetlink message classes
+    (encode and decode), the netlink constants and the reply parser. Its socket classes
+    (IPRoute, nlsocket) run on an asyncio core in 0.9 and cost 50-150 ms to import; the
+    socket here is a plain one, and the few requests it sends are simple."""
+    without_package_init()
+    from pyroute2 import netlink
+    from pyroute2.netlink import marshal, rtnl
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+    class RtnlMarshal(marshal.Marshal):
+        msg_map = {rtnl.RTM_NEWLINK: ifinfmsg, rtnl.RTM_NEWADDR: ifaddrmsg,
+                   rtnl.RTM_NEWROUTE: rtmsg}
+
+    return types.SimpleNamespace(nl=netlink, rtnl=rtnl, Marshal=RtnlMarshal, ifinfmsg=ifinfmsg,
+                                 ifaddrmsg=ifaddrmsg, rtmsg=rtmsg)
 
 
 @dataclass
@@ -89,19 +115,30 @@ def link_info(msg) -> LinkInfo:
 
 
 class Rtnl:
-    """One rtnetlink socket bound to a network namespace (the host's when netns is None)."""
+    """One rtnetlink socket bound to a network namespace (the host's when netns is None);
+    each method is one request and its answer, or a LinkError carrying the kernel's errno."""
 
     def __init__(self, netns: Netns | None = None):
-        IPRoute, self.NetlinkError = rtnl_api()
+        self.api = rtnl_api()
         self.netns = netns
+        self.seq = 0
+        self.marshal = self.api.Marshal()
         if netns is None:
-            self.ipr = IPRoute()
+            self.sock = self.open_socket()
         else:
-            with netns.entered():
-                self.ipr = IPRoute()
+            with netns.entered():  # a netlink socket stays in the namespace it was made in
+                self.sock = self.open_socket()
+
+    @staticmethod
+    def open_socket() -> socket.socket:
+        try:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 socket.NETLINK_ROUTE)
+        except OSError as exc:
+            raise LinkError(f"cannot open a netlink socket: {exc.strerror}", exc.errno) from None
 
     def close(self) -> None:
-        self.ipr.close()
+        self.sock.close()
 
     def __enter__(self):
         return self
@@ -109,87 +146,162 @@ class Rtnl:
     def __exit__(self, *exc):
         self.close()
 
-    def call(self, what: str, fn, *argv, **kw):
+    def request(self, what: str, msg, msg_type: int, flags: int = 0) -> list:
+        """Send `msg` as `msg_type` and collect the answer: the messages of a dump (flags
+        NLM_F_DUMP), else the reply, if any, up to the kernel's acknowledgement. A failure
+        is a LinkError `what: <the kernel's reason>` with its errno."""
+        nl = self.api.nl
+        dump = flags & nl.NLM_F_DUMP == nl.NLM_F_DUMP
+        msg["header"].update(type=msg_type, flags=nl.NLM_F_REQUEST | flags | (0 if dump else nl.NLM_F_ACK))
+        msg.encode()
+        data = bytearray(msg.data)
         try:
-            return fn(*argv, **kw)
-        except self.NetlinkError as exc:
-            raise LinkError(f"{what}: {os.strerror(exc.code)}", exc.code) from None
+            for _ in range(DUMP_ATTEMPTS):
+                self.seq += 1
+                struct.pack_into("=I", data, NLMSG_SEQ_OFFSET, self.seq)
+                self.sock.send(data)
+                replies, consistent = self.answer(what)
+                if consistent or not dump:
+                    return replies
+        except OSError as exc:
+            raise LinkError(f"{what}: {exc.strerror}", exc.errno) from None
+        raise LinkError(f"{what}: the kernel's answer kept changing while it was read", errno.EINTR)
+
+    def answer(self, what: str) -> tuple[list, bool]:
+        """Read datagrams until the answer to the last request ends: (its messages, whether
+        the kernel says a dump of them is consistent)."""
+        nl = self.api.nl
+        replies, consistent = [], True
+        while True:
+            size = self.sock.recv_into(bytearray(16), 16, socket.MSG_PEEK | socket.MSG_TRUNC)
+            for reply in self.marshal.parse(self.sock.recv(size)):
+                header = reply["header"]
+                if header["sequence_number"] != self.seq:
+                    continue  # the rest of an answer abandoned when it failed
+                failure = header.get("error")
+                if failure is not None:  # NetlinkError, OSError (ENOBUFS), or a decoding error
+                    code = getattr(failure, "code", None) or getattr(failure, "errno", None) or 0
+                    reason = os.strerror(code) if code else f"unreadable answer ({failure})"
+                    raise LinkError(f"{what}: {reason}", code)
+                consistent &= not header["flags"] & nl.NLM_F_DUMP_INTR
+                if header["type"] in (nl.NLMSG_DONE, nl.NLMSG_ERROR):
+                    return replies, consistent
+                replies.append(reply)
+
+    def link_msg(self, index: int = 0, **attrs):
+        msg = self.api.ifinfmsg()
+        msg["index"] = index
+        msg["attrs"] = [(name, value) for name, value in attrs.items()]
+        return msg
 
     def find(self, name: str) -> LinkInfo | None:
+        msg = self.link_msg(IFLA_EXT_MASK=RTEXT_FILTER_SKIP_STATS, IFLA_IFNAME=name)
         try:
-            msgs = self.ipr.link("get", ifname=name)
-        except self.NetlinkError as exc:
-            if exc.code in (errno.ENODEV, errno.EINVAL):  # EINVAL: a name the kernel refuses
+            replies = self.request(f"cannot look up {name}", msg, self.api.rtnl.RTM_GETLINK)
+        except LinkError as exc:
+            if exc.errno in (errno.ENODEV, errno.EINVAL):  # EINVAL: a name the kernel refuses
                 return None
-            raise LinkError(f"cannot look up {name}: {os.strerror(exc.code)}", exc.code) from None
-        return link_info(msgs[0]) if msgs else None
+            raise
+        return link_info(replies[0]) if replies else None
 
     def names(self) -> list[str]:
-        return [m.get("IFLA_IFNAME") for m in self.call("cannot list links", self.ipr.link, "dump")]
+        msg = self.link_msg(IFLA_EXT_MASK=RTEXT_FILTER_SKIP_STATS)
+        return [m.get("IFLA_IFNAME") for m in self.request(
+            "cannot list links", msg, self.api.rtnl.RTM_GETLINK, self.api.nl.NLM_F_DUMP)]
 
     def create(self, kind: str, mode: str, parent_index: int, mtu: int,
                into: Netns | None, name: str) -> None:
         """A new link on the parent named `name`, made directly in the namespace `into`
         (or in this socket's namespace when None)."""
-        spec = {"ifname": name, "kind": kind, "link": parent_index}
         if kind == "macvlan":
-            spec["macvlan_mode"] = mode
+            data = ("IFLA_MACVLAN_MODE", MACVLAN_MODES[mode])
         else:
-            spec["ipvlan_mode"] = IPVLAN_MODES[mode]
+            data = ("IFLA_IPVLAN_MODE", IPVLAN_MODES[mode])
+        msg = self.link_msg(IFLA_IFNAME=name, IFLA_LINK=parent_index)
         if mtu:
-            spec["mtu"] = mtu
+            msg["attrs"].append(("IFLA_MTU", mtu))
         if into is not None:
-            spec["net_ns_fd"] = into.fd
-        self.call(f"cannot create the {kind} link", self.ipr.link, "add", **spec)
+            msg["attrs"].append(("IFLA_NET_NS_FD", into.fd))
+        msg["attrs"].append(("IFLA_LINKINFO", {"attrs": [
+            ("IFLA_INFO_KIND", kind), ("IFLA_INFO_DATA", {"attrs": [data]})]}))
+        nl = self.api.nl
+        self.request(f"cannot create the {kind} link", msg, self.api.rtnl.RTM_NEWLINK,
+                     nl.NLM_F_CREATE | nl.NLM_F_EXCL)
 
     def rename(self, index: int, name: str) -> None:
-        self.call(f"cannot rename the link to {name}", self.ipr.link, "set", index=index,
-                  ifname=name)
+        self.request(f"cannot rename the link to {name}", self.link_msg(index, IFLA_IFNAME=name),
+                     self.api.rtnl.RTM_SETLINK)
 
     def delete(self, index: int) -> None:
-        self.call("cannot delete the link", self.ipr.link, "del", index=index)
+        self.request("cannot delete the link", self.link_msg(index), self.api.rtnl.RTM_DELLINK)
 
     def set_up(self, index: int, name: str) -> None:
-        self.call(f"cannot bring {name} up", self.ipr.link, "set", index=index, state="up")
+        msg = self.link_msg(index)
+        msg["flags"] = msg["change"] = IFF_UP
+        self.request(f"cannot bring {name} up", msg, self.api.rtnl.RTM_SETLINK)
 
     def addresses(self, index: int) -> list[tuple[str, int, int]]:
         """(address, prefix length, flags) of every address on the link."""
         out = []
-        for msg in self.call("cannot list addresses", self.ipr.addr, "dump", index=index):
-            flags = msg.get("IFA_FLAGS") or msg["flags"]
-            out.append((msg.get("IFA_ADDRESS"), msg["prefixlen"], flags))
+        for msg in self.request("cannot list addresses", self.api.ifaddrmsg(),
+                                self.api.rtnl.RTM_GETADDR, self.api.nl.NLM_F_DUMP):
+            if msg["index"] == index:
+                flags = msg.get("IFA_FLAGS") or msg["flags"]
+                out.append((msg.get("IFA_ADDRESS"), msg["prefixlen"], flags))
         return out
 
     def add_address(self, index: int, cidr: str, name: str) -> None:
+        """The address as the reference plugins add it: local and address alike, and the
+        broadcast address of an IPv4 subnet that has one."""
         iface = ipaddress.ip_interface(cidr)
-        spec = {"index": index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+        msg = self.api.ifaddrmsg()
+        msg["family"] = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
+        msg["prefixlen"], msg["index"] = iface.network.prefixlen, index
+        msg["attrs"] = [("IFA_LOCAL", str(iface.ip)), ("IFA_ADDRESS", str(iface.ip))]
         if iface.version == 4 and iface.network.prefixlen < 31:
-            spec["broadcast"] = str(iface.network.broadcast_address)
-        self.call(f"cannot add address {cidr} to {name}", self.ipr.addr, "add", **spec)
+            msg["attrs"].append(("IFA_BROADCAST", str(iface.network.broadcast_address)))
+        nl = self.api.nl
+        self.request(f"cannot add address {cidr} to {name}", msg, self.api.rtnl.RTM_NEWADDR,
+                     nl.NLM_F_CREATE | nl.NLM_F_EXCL)
 
     def add_route(self, index: int, route: dict, gateway: str | None, name: str) -> None:
-        """Append a route (ECMP-style, as the reference plugins do) through the link."""
+        """Append a route (ECMP-style, as the reference plugins do) through the link, with
+        their defaults: main table, universe scope, protocol boot."""
         dst = ipaddress.ip_network(route["dst"], strict=False)
-        spec = {"dst": str(dst.network_address), "dst_len": dst.prefixlen, "oif": index,
-                "family": socket.AF_INET6 if dst.version == 6 else socket.AF_INET}
+        rtnl = self.api.rtnl
+        msg = self.api.rtmsg()
+        msg["family"] = socket.AF_INET6 if dst.version == 6 else socket.AF_INET
+        msg["dst_len"], msg["table"] = dst.prefixlen, RT_TABLE_MAIN
+        msg["proto"], msg["type"] = rtnl.rtprotos["RTPROT_BOOT"], rtnl.rtypes["RTN_UNICAST"]
+        msg["attrs"] = [("RTA_OIF", index)]
+        if dst.prefixlen:
+            msg["attrs"].append(("RTA_DST", str(dst.network_address)))
         if gateway:
-            spec["gateway"] = gateway
+            msg["attrs"].append(("RTA_GATEWAY", gateway))
         if isinstance(route.get("priority"), int):
-            spec["priority"] = route["priority"]
+            msg["attrs"].append(("RTA_PRIORITY", route["priority"]))
         if isinstance(route.get("table"), int):
-            spec["table"] = route["table"]
+            # tables past 255 exist only in the attribute
+            msg["table"] = route["table"] if route["table"] < 256 else 0
+            msg["attrs"].append(("RTA_TABLE", route["table"]))
         if isinstance(route.get("scope"), int):
-            spec["scope"] = route["scope"]
+            msg["scope"] = route["scope"]
         via = f" via {gateway}" if gateway else ""
-        self.call(f"cannot add route {route['dst']}{via} dev {name}", self.ipr.route,
-                  "append", **spec)
+        nl = self.api.nl
+        self.request(f"cannot add route {route['dst']}{via} dev {name}", msg, rtnl.RTM_NEWROUTE,
+                     nl.NLM_F_CREATE | nl.NLM_F_APPEND)
 
     def routes(self, index: int) -> set:
-        """Destinations (ip_network) of the routes through the link, any table."""
+        """Destinations (ip_network) of the routes through the link, any table, including
+        multipath routes with a hop through it."""
         out = set()
         for family, zero in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-            for msg in self.call("cannot list routes", self.ipr.route, "dump", family=family):
-                if msg.get("RTA_OIF") == index:
+            query = self.api.rtmsg()
+            query["family"] = family
+            for msg in self.request("cannot list routes", query, self.api.rtnl.RTM_GETROUTE,
+                                    self.api.nl.NLM_F_DUMP):
+                hops = [msg.get("RTA_OIF")] + [hop["oif"] for hop in msg.get("RTA_MULTIPATH") or []]
+                if index in hops:
                     dst = msg.get("RTA_DST") or zero
                     out.add(ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False))
         return out

@@ -240,13 +240,13 @@ def link_index(link: dict) -> int:
 
 
 def pod_state(guest: GuestRun, tag: str) -> dict:
-    """The pod's link, global addresses and routes, without ifindexes and MACs. Route
-    `protocol` is left out: pyroute2 labels added routes "static", Go leaves it unset."""
+    """The pod's link, global addresses and routes (protocol included: both add routes as
+    "boot"), without ifindexes and MACs."""
     link = guest.json(f"{tag}_link")[0]
     addrs = guest.json(f"{tag}_addr")[0]["addr_info"]
     return {
         **link_state(link, addrs),
-        "routes": sorted(json.dumps({k: v for k, v in route.items() if k != "protocol"}, sort_keys=True)
+        "routes": sorted(json.dumps(route, sort_keys=True)
                           for route in guest.json(f"{tag}_routes") if route.get("dev") == "net1"
                           and not route["dst"].startswith("fe80")),
     }  # fmt: skip

@@ -198,6 +198,25 @@ def test_del_twice_and_after_the_netns_is_gone(cni, sim, tmp_path, make_netns, m
     assert leases(tmp_path) == [] and sim.records() == [] and sim.services() == []
 
 
+def test_del_whose_ipam_fails_still_removes_the_link_and_a_retry_finishes(cni, sim, tmp_path,
+                                                                        netns, make_veth):
+    """DEL deletes the link while the IPAM plugin releases the lease: an IPAM failure is
+    reported after the link is gone, the record stays, and the runtime's retry finishes."""
+    master = make_veth()
+    conf = macvlan_conf(sim, tmp_path, master)
+    result = cni("ADD", conf, netns=netns, cni_path=CNI_PATH).ok().json
+    broken = tmp_path / "broken-cni"
+    broken.mkdir()
+    (broken / "host-local").write_text('#!/bin/sh\necho \'{"code": 11, "msg": "store offline"}\'\nexit 1\n')
+    (broken / "host-local").chmod(0o755)
+    err = cni("DEL", with_prev(conf, result), netns=netns, cni_path=str(broken)).error(11)
+    assert err["msg"] == "host-local: store offline"
+    assert link_names(netns) == ["lo"] and leases(tmp_path) == ["10.231.0.2"]
+    assert sim.records() and sim.services(), "DEL dropped the record before the lease was released"
+    cni("DEL", with_prev(conf, result), netns=netns, cni_path=CNI_PATH).ok()
+    assert_nothing_left(sim, tmp_path, netns)
+
+
 def test_check_fails_when_the_lease_the_address_or_the_link_goes(cni, sim, tmp_path, netns, make_veth):
     master = make_veth()
     conf = macvlan_conf(sim, tmp_path, master)

@@ -37,8 +37,8 @@ def comparable(result: dict, netns: str) -> dict:
 
 
 def netns_state(netns: str) -> dict:
-    """The pod's link, global addresses, routes and arp_notify, without ids and MACs.
-    Route `protocol` is left out: pyroute2 labels added routes "static", Go leaves it unset."""
+    """The pod's link, global addresses, routes (with their protocol: both add theirs as
+    "boot") and arp_notify, without ids and MACs."""
     link = link_in(netns, "eth0")
     addrs = ip_json(netns, "addr", "show", "dev", "eth0")[0]["addr_info"]
     routes = ip_json(netns, "route", "show", "table", "all")
@@ -46,7 +46,7 @@ def netns_state(netns: str) -> dict:
                     "/proc/sys/net/ipv4/conf/eth0/arp_notify").stdout.strip()
     return {
         **link_state(link, addrs),
-        "routes": sorted((json_route(r) for r in routes if r.get("dev") == "eth0"
+        "routes": sorted((r for r in routes if r.get("dev") == "eth0"
                           and not r["dst"].startswith("fe80")), key=str),
         "arp_notify": arp_notify,
     }
@@ -61,10 +61,6 @@ def link_state(link: dict, addrs: list[dict]) -> dict:
         "addresses": [{k: a.get(k) for k in ("family", "local", "prefixlen", "broadcast", "scope")}
                       for a in addrs if a.get("scope") != "link"],
     }
-
-
-def json_route(route: dict) -> dict:
-    return {k: v for k, v in route.items() if k != "protocol"}
 
 
 @pytest.mark.parametrize(("version", "extra"), CASES)
