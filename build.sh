@@ -66,10 +66,19 @@ EXCLUDES=(hypothesis yaml._yaml pytest _pytest sqlite3 _sqlite3 tkinter _tkinter
 # pyroute2's child processes use fork). pkgutil's hook stays: pyroute2 lists its modules.
 DROPPED_RTHOOKS="'pyi_rth_inspect', 'pyi_rth_multiprocessing'"
 
+# Python modules are kept as .pyc files in the unpacked tree (--debug noarchive), not in
+# the PYZ archive inside the executable: PyInstaller's archive reader opens the executable
+# again for every module it imports, and a chained ADD imports about 180. Measured side by
+# side (40 runs each): ADD 136 -> 119 ms, DEL 123 -> 108 ms, VERSION 38.6 -> 35.3 ms.
+NOARCHIVE="--debug noarchive"
+# cxi_cni/lazy.py loads some modules by name on first use; PyInstaller follows only static
+# imports, so every module of the package is collected explicitly.
+COLLECT="--collect-submodules cxi_cni"
+
 pyinstaller() {
   local mode=$1 dist=$2 specdir=build/pyinstaller$1
   rm -rf "$specdir"
-  .venv/bin/pyi-makespec --log-level WARN "$mode" --name cxi --paths "$PWD" --specpath "$specdir" \
+  .venv/bin/pyi-makespec --log-level WARN "$mode" $NOARCHIVE $COLLECT --name cxi --paths "$PWD" --specpath "$specdir" \
     "${EXCLUDES[@]/#/--exclude-module=}" "$PWD/cxi_cni/__main__.py" >/dev/null
   sed -i "s/^pyz = PYZ(/a.scripts = [s for s in a.scripts if s[0] not in ($DROPPED_RTHOOKS)]\\npyz = PYZ(/" \
     "$specdir/cxi.spec"

@@ -15,14 +15,13 @@ from .cni.errors import (
     CniError,
 )
 from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, VniInUse
-from .link import LinkError
 from .netns import NetnsInvalid, NetnsMissing
 from .state import StateError
 
 CXI_FAILURE = 100  # a CXI driver call failed, or CHECK found a difference
 BACKEND_UNAVAILABLE = 101  # library, symbol or devices missing
 STATE_FAILURE = 102  # state directory or record unusable
-LINK_FAILURE = 103  # netlink refused the pod's link
+LINK_FAILURE = 103  # netlink refused the pod's link (podlink.py makes these errors itself)
 KUBE_FAILURE = 104  # the Kubernetes lookup failed for good
 IPAM_FAILURE = 105  # the IPAM plugin failed without a CNI error of its own
 LAUNCHER_FAILURE = 106  # dist/cxi's launcher cannot place its program (launcher.sh says it)
@@ -83,8 +82,6 @@ def cni_error(exc: Exception, command: str) -> CniError | None:
         return cxi_error(exc)
     if isinstance(exc, (NetnsMissing, NetnsInvalid)):
         return netns_error(exc)
-    if isinstance(exc, LinkError):
-        return CniError(LINK_FAILURE, str(exc), "check the master's state with ip -d link show")
     return None
 
 
@@ -95,8 +92,7 @@ def mapped(command_method):
     def wrapper(self, args):
         try:
             return command_method(self, args)
-        except (StateError, BackendUnavailable, CxiError, NetnsMissing, NetnsInvalid,
-                LinkError) as exc:
+        except (StateError, BackendUnavailable, CxiError, NetnsMissing, NetnsInvalid) as exc:
             raise cni_error(exc, args.command) from None
 
     return wrapper

@@ -8,21 +8,24 @@ from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, CniError
 from .config import NetConf, parse_conf
 from .cxi.backend import Backend, BackendUnavailable, Limit
-from .cxi.libcxi import LibcxiBackend
 from .cxi.services import ServiceSpec
-from .cxi.sim import SimBackend
 from .errors import BACKEND_UNAVAILABLE
 from .files import FileProblem
+from .lazy import lazy
 from .netns import Netns, NetnsInvalid, NetnsMissing
 from .state import AttachmentStore
 from .trust import UntrustedPath
+
+# One of the two is loaded, when a command first uses the backend.
+sim = lazy("cxi_cni.cxi.sim")
+libcxi = lazy("cxi_cni.cxi.libcxi")
 
 
 def open_backend(conf: NetConf) -> Backend:
     """The CXI backend the configuration names (nothing is loaded until it is used)."""
     if conf.cxi.backend == "sim":
-        return SimBackend(conf.cxi.simState, conf.cxi.stack)
-    return LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
+        return sim.SimBackend(conf.cxi.simState, conf.cxi.stack)
+    return libcxi.LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
 
 
 class Invocation:

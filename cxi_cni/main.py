@@ -45,12 +45,26 @@ def restore_caller() -> None:
         sys.executable = launcher
 
 
+def exit_now(code: int) -> None:
+    """End a CNI command without the interpreter's teardown (freeing every module and
+    object: 10-20 ms of each call, for nothing a process that ends needs): the answer on
+    stdout, stderr and the log are flushed first."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    os._exit(code)
+
+
 def main() -> int:
     restore_caller()
     if "CNI_COMMAND" in os.environ:
         from .cni.skel import dispatch
 
-        return dispatch(load_plugin, dict(os.environ), on_finish=log_finish)
+        exit_now(dispatch(load_plugin, dict(os.environ), on_finish=log_finish))
     from .cli import cli
 
     return cli.main(prog_name="cxi", standalone_mode=True) or 0

@@ -15,14 +15,12 @@ from .cxi.services import Binding, bind_netns, destroy, differences
 from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, vni_in_use_error
 from .gc import collect
 from .invocation import Invocation
-from .podlink import PodLink
-from .podlink import check as check_link
-from .podlink import gc as gc_link
-from .podlink import status as link_status
+from .lazy import lazy
 from .record import AttachmentRecord
 from .release import reap_stale_services, release_unclaimed, remove_attachment
 
 log = logging.getLogger("cxi_cni.plugin")
+podlink = lazy("cxi_cni.podlink")  # only attachments with a link use it
 
 
 class CxiPlugin:
@@ -41,7 +39,7 @@ class CxiPlugin:
                     remove_attachment(inv, previous)
                 # The intent, before anything exists: the link to make, the first device to
                 # allocate on. Each alloc is recorded right after it (one write per device).
-                link = PodLink.plan(inv.conf, args, netns) if inv.conf.master else None
+                link = podlink.PodLink.plan(inv.conf, args, netns) if inv.conf.master else None
                 record = AttachmentRecord(args.container_id, args.ifname, netns.path, netns.inode,
                                           spec.vnis, tuple(sorted(spec.tcs)), devices,
                                           link=link.record if link else None,
@@ -122,7 +120,7 @@ class CxiPlugin:
                                "it again")
             problems = self._service_problems(inv, record, netns.inode)
             if inv.conf.master:
-                problems += check_link(inv.conf, args, netns, record.link)
+                problems += podlink.check(inv.conf, args, netns, record.link)
             elif record.link is not None:
                 problems.append(f"the attachment has a {record.link.type} link, the configuration "
                                 "has no master")
@@ -158,7 +156,7 @@ class CxiPlugin:
             except CniError as exc:
                 raise CniError(NOT_AVAILABLE, exc.msg, exc.details) from None
             if inv.conf.master:
-                link_status(inv.conf, args)
+                podlink.status(inv.conf, args)
 
     @mapped
     def gc(self, args: CmdArgs) -> None:
@@ -174,7 +172,7 @@ class CxiPlugin:
                 raise CniError(TRY_AGAIN_LATER, "GC could not remove everything: "
                                + "; ".join(report["failures"][:5]), "the runtime will retry GC")
             if inv.conf.master:
-                gc_link(inv.conf, args)
+                podlink.gc(inv.conf, args)
 
 
 def check_share(inv: Invocation, record: AttachmentRecord, held: dict[str, list[Service]]) -> None:

@@ -14,12 +14,13 @@ from .cxi.backend import BackendUnavailable, CxiError, Service
 from .cxi.services import destroy, destroy_orphans, reap_stale
 from .errors import CXI_FAILURE, cxi_error
 from .invocation import Invocation
+from .lazy import lazy
 from .netns import Netns, NetnsInvalid, NetnsMissing
-from .podlink import PodLink
 from .record import AttachmentRecord
 from .state import AttachmentBusy
 
 log = logging.getLogger("cxi_cni.release")
+podlink = lazy("cxi_cni.podlink")  # only records with a link use it
 
 
 def remove_attachment(inv: Invocation, record: AttachmentRecord) -> None:
@@ -27,7 +28,7 @@ def remove_attachment(inv: Invocation, record: AttachmentRecord) -> None:
     service that cannot be destroyed keeps the record (with what is left) and raises."""
     if record.link is not None:
         with recorded_netns(inv, record) as netns:
-            PodLink(record.link, record.container_id).remove(inv.args, netns)
+            podlink.PodLink(record.link, record.container_id).remove(inv.args, netns)
     release_services(inv, record)
     inv.store.remove(record.container_id, record.ifname)
 

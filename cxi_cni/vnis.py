@@ -13,18 +13,11 @@ from dataclasses import dataclass
 
 from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .errors import KUBE_FAILURE, POLICY_REFUSED
-from .k8s import (
-    POD_VNIS_ANNOTATION,
-    KubeError,
-    KubeUnavailable,
-    OwnerMismatch,
-    PodFacts,
-    PodLookup,
-    PodReplaced,
-)
+from .lazy import lazy
 from .vniset import VniSet
 
 log = logging.getLogger("cxi_cni.vnis")
+k8s = lazy("cxi_cni.k8s")  # only pods looked up in the API use it
 
 # Kubernetes object names: a namespace is an RFC 1123 label, a pod name a DNS subdomain.
 NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -77,8 +70,8 @@ class VniResolver:
         self.conf, self.cxi, self.cni_args = conf, conf.cxi, cni_args
         self.namespace = cni_args.get("K8S_POD_NAMESPACE", "")
         self.pod = cni_args.get("K8S_POD_NAME", "")
-        self.facts: PodFacts | None = None
-        self._lookup: PodLookup | None = None
+        self.facts: k8s.PodFacts | None = None
+        self._lookup: k8s.PodLookup | None = None
         self._namespace_vnis: VniSet | None = None
 
     def resolve(self) -> tuple[int, ...]:
@@ -127,7 +120,7 @@ class VniResolver:
         if self.cxi.vniPolicy == "required":
             raise CniError(POLICY_REFUSED, message, "use the VNI the VNI service gave the job, or "
                            "ask the cluster admin to allow it (cxi.allowedVnis, cxi.podVnis, or "
-                           f"the {POD_VNIS_ANNOTATION} annotation of the namespace)")
+                           f"the {k8s.POD_VNIS_ANNOTATION} annotation of the namespace)")
         log.warning("%s; trying the next VNI source", message)
 
     def nothing_found(self) -> tuple[int, ...]:
@@ -182,16 +175,16 @@ class VniResolver:
         where = f"pod {self.namespace}/{self.pod}"
         try:
             self.facts = lookup.facts(self.cni_args.get("K8S_POD_UID", ""))
-        except PodReplaced as exc:
+        except k8s.PodReplaced as exc:
             raise CniError(UNKNOWN_CONTAINER, str(exc), "the runtime tears this sandbox down; "
                            "the new pod gets its own") from None
-        except OwnerMismatch as exc:
+        except k8s.OwnerMismatch as exc:
             self.refuse(Found([], f"the owners of {where}"), (), str(exc))
             return None
-        except KubeUnavailable as exc:
+        except k8s.KubeUnavailable as exc:
             raise CniError(TRY_AGAIN_LATER, f"cannot reach the Kubernetes API to find the VNI of "
                            f"{where}: {exc}", "the runtime will retry") from None
-        except KubeError as exc:
+        except k8s.KubeError as exc:
             raise CniError(KUBE_FAILURE, f"cannot read the VNI of {where}: {exc}",
                            "check the kubeconfig and the RBAC in deploy/") from None
         if not self.facts.found:
@@ -200,7 +193,7 @@ class VniResolver:
             return None
         return Found(self.facts.vnis, self.facts.vni_origin) if self.facts.vnis else None
 
-    def lookup(self) -> PodLookup | None:
+    def lookup(self) -> k8s.PodLookup | None:
         """The pod's API reads, when the runtime named a pod, credentials exist and its
         namespace is not one the admin exempted from lookups."""
         if self._lookup is not None:
@@ -215,8 +208,8 @@ class VniResolver:
             return None
         check_pod_names(self.namespace, self.pod)
         try:
-            self._lookup = PodLookup(self.conf.kubeconfig, self.namespace, self.pod, KUBE_TIMEOUT)
-        except KubeError as exc:
+            self._lookup = k8s.PodLookup(self.conf.kubeconfig, self.namespace, self.pod, KUBE_TIMEOUT)
+        except k8s.KubeError as exc:
             raise CniError(KUBE_FAILURE, f"cannot read the VNI of pod {self.namespace}/{self.pod}: "
                            f"{exc}", "check the kubeconfig and the RBAC in deploy/") from None
         return self._lookup
@@ -230,9 +223,9 @@ class VniResolver:
                 try:
                     raw = lookup.namespace_pod_vnis()
                     self._namespace_vnis = VniSet.parse(raw) if raw else VniSet()
-                except (KubeError, KubeUnavailable, ValueError) as exc:
+                except (k8s.KubeError, k8s.KubeUnavailable, ValueError) as exc:
                     log.warning("cannot use the %s annotation of namespace %s: %s",
-                                POD_VNIS_ANNOTATION, self.namespace, exc)
+                                k8s.POD_VNIS_ANNOTATION, self.namespace, exc)
         return self._namespace_vnis
 
 
