@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from cxi_cni.cni.skel import MAX_STDIN
 from cxi_cni.cni.version import SUPPORTED_VERSIONS
+from cxi_cni.config import CXI_FIELDS, NETCONF_FIELDS
 from cxi_cni.state import attachment_key
 
 WORKERS = 4
@@ -107,10 +108,17 @@ FIELDS = {
     ("cxi", "allowedVnis"): ({"list"}, INVALID_CONFIG), ("cxi", "podVnis"): ({"list"}, INVALID_CONFIG),
     ("cxi", "noLookupNamespaces"): ({"list"}, INVALID_CONFIG),
     ("cxi", "maxServicesPerPod"): ({"int"}, INVALID_CONFIG),  # strict: no bool
+    ("cxi", "stack"): ({"str"}, INVALID_CONFIG),
     ("cxi", "vniPolicy"): ({"str"}, INVALID_CONFIG), ("cxi", "tcs"): ({"list"}, INVALID_CONFIG),
     ("cxi", "limits"): ({"dict"}, INVALID_CONFIG),
     ("cxi", "limits", "les", "max"): ({"int", "bool"}, INVALID_CONFIG),
 }
+
+
+def test_every_configuration_field_is_fuzzed():
+    """A field declared in config.py and missing here would never get a wrong type."""
+    declared = {(f.name,) for f in NETCONF_FIELDS} | {("cxi", f.name) for f in CXI_FIELDS}
+    assert declared <= set(FIELDS), sorted(declared - set(FIELDS))
 
 
 def dotted(path: tuple) -> str:
