@@ -340,3 +340,15 @@ def test_an_ipam_plugin_that_hangs_is_cut_off_and_undone(cni, sim, tmp_path, net
     assert len(sh("ip", "-n", os.path.basename(netns), "-o", "link").stdout.splitlines()) == 1  # lo only
     nothing_made(sim)
     assert sh("pgrep", "-f", f"{hanging}", check=False).returncode != 0, "the IPAM plugin still runs"
+
+
+@pytest.mark.parametrize("key", ["libcxi", "simState"])
+def test_a_fifo_as_the_library_or_the_simulated_devices_does_not_hang(cni, sim, tmp_path, netns, key):
+    fifo = tmp_path / f"{key}.fifo"
+    os.mkfifo(fifo)
+    backend = {"libcxi": {"backend": "libcxi"}, "simState": {}}[key]
+    started = time.monotonic()
+    err = cni("ADD", sim.conf(cxi={**backend, key: str(fifo)}), netns=netns, timeout=HANG_LIMIT).error(101)
+    assert str(fifo) in err["msg"] and "not a regular file" in err["msg"]
+    assert time.monotonic() - started < 10
+    assert sim.records() == []

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 import re
+import stat
 import sys
 from dataclasses import replace
 
@@ -87,6 +88,13 @@ def _file_of(lib: ctypes.CDLL, lib_path: str) -> str:
 def load_library(lib_path: str) -> ctypes.CDLL:
     """dlopen libcxi and declare every function's types; BackendUnavailable with the
     file and the missing symbol, or why the library cannot be loaded, when it cannot serve."""
+    if "/" in lib_path:  # a path, not a soname: the loader would block on a FIFO there
+        try:
+            mode = os.stat(lib_path).st_mode
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot load the CXI library {lib_path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise BackendUnavailable(f"cannot load the CXI library {lib_path}: not a regular file")
     try:
         lib = ctypes.CDLL(lib_path)
     except OSError as exc:

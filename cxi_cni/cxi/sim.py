@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from dataclasses import dataclass
 
 from .backend import (
@@ -147,8 +148,11 @@ class SimState:
             os.close(lock_fd)
 
     def read(self) -> dict:
-        try:
-            with open(self.path, "rb") as fh:
+        try:  # never blocking (a FIFO at the path), and only a regular file
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise BackendUnavailable(f"the sim state {self.path} is not a regular file")
                 raw = fh.read()
         except FileNotFoundError:
             return default_state()
