@@ -12,14 +12,12 @@ import copy
 import re
 from dataclasses import dataclass, make_dataclass
 
-from pydantic_core import SchemaValidator, ValidationError
-from pydantic_core import core_schema as cs
-
 from . import nodepolicy
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
 from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
 from .cxi.stacks import CHOICES as STACKS
+from .schema import SchemaValidator, ValidationError, cs
 from .vniset import VniSet
 
 MODES = {"ipvlan": ("l2", "l3", "l3s"), "macvlan": ("bridge", "private", "vepa", "passthru")}

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.util
 import ipaddress
 import os
 import socket
 import struct
-import sys
 import time
 import types
 from dataclasses import dataclass, field
 
+from .lazy import without_package_init
 from .netns import Netns
 
 IFF_UP = 0x1
@@ -38,39 +37,13 @@ class LinkError(Exception):
         self.errno = errno
 
 
-def without_package_init() -> None:
-    """Make `pyroute2` importable without running pyroute2/__init__.py, which imports every
-    subsystem (conntrack, nftables, wireguard, ...) and costs about 60 ms. The package object
-    is made from its spec so submodules import normally; the first access to a top-level
-    name (`from pyroute2 import X` elsewhere) runs the real __init__, so other users of
-    pyroute2 see the usual package."""
-    if "pyroute2" in sys.modules:
-        return
-    spec = importlib.util.find_spec("pyroute2")
-    package = importlib.util.module_from_spec(spec)
-    completing = []
-
-    def complete(name):
-        # `from pyroute2 import config` asks for the attribute before importing the
-        # submodule: submodules must not run the real __init__.
-        if completing or name.startswith("__") or importlib.util.find_spec(f"pyroute2.{name}"):
-            raise AttributeError(name)
-        completing.append(name)
-        del package.__getattr__
-        spec.loader.exec_module(package)
-        return getattr(package, name)
-
-    package.__getattr__ = complete
-    sys.modules["pyroute2"] = package
-
-
 @functools.cache
 def rtnl_api() -> types.SimpleNamespace:
     """The synchronous part of pyroute2 this module needs: the rtnetlink message classes
     (encode and decode), the netlink constants and the reply parser. Its socket classes
     (IPRoute, nlsocket) run on an asyncio core in 0.9 and cost 50-150 ms to import; the
     socket here is a plain one, and the few requests it sends are simple."""
-    without_package_init()
+    without_package_init("pyroute2")
     from pyroute2 import netlink
     from pyroute2.netlink import marshal, rtnl
     from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg

@@ -10,9 +10,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from pydantic_core import SchemaValidator, ValidationError
-from pydantic_core import core_schema as cs
-
+from .schema import SchemaValidator, ValidationError, cs
 from .trust import UntrustedPath, check_file, check_parents
 from .vniset import VniSet
 
