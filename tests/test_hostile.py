@@ -107,7 +107,7 @@ FIELDS = {
     ("cxi", "allowedVnis"): ({"list"}, INVALID_CONFIG), ("cxi", "podVnis"): ({"list"}, INVALID_CONFIG),
     ("cxi", "noLookupNamespaces"): ({"list"}, INVALID_CONFIG),
     ("cxi", "maxServicesPerPod"): ({"int"}, INVALID_CONFIG),  # strict: no bool
-    ("cxi", "vniPolicy"): ({"str"}, INVALID_CONFIG), ("cxi", "tcs"): ({"list"}, INVALID_CONFIG),
+    ("cxi", "vniPolicy"): ({"str"}, INVALID_CONFIG), ("cxi", "tcs"): ({"list", "str"}, INVALID_CONFIG),
     ("cxi", "limits"): ({"dict"}, INVALID_CONFIG),
     ("cxi", "limits", "les", "max"): ({"int", "bool"}, INVALID_CONFIG),
 }

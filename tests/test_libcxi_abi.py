@@ -29,6 +29,7 @@ from cxi_cni.cxi.backend import (
     CxiError,
     Limit,
     Member,
+    NoResources,
     ServiceDesc,
 )
 from cxi_cni.cxi.libcxi import LibcxiBackend
@@ -329,12 +330,15 @@ def test_alloc_rejects_invalid_descs(cxi0, desc, why):
 
 
 def test_alloc_short_of_resources_says_what_was_available(cxi0):
+    """fail_info read through the ABI: the first reservation short (the driver checks LEs
+    before ACs and stops there), with what was free."""
     cxi0.alloc_svc(ServiceDesc.for_netns([3], limits={"acs": Limit(1000, 1000)}))
-    with pytest.raises(CxiError) as exc:
+    with pytest.raises(NoResources) as exc:
         cxi0.alloc_svc(ServiceDesc.for_netns([4], limits={"les": Limit(20, 10), "acs": Limit(30, 30)}))
     assert errno_of(exc) == errno.ENOSPC
-    assert exc.value.detail == "available: les=16384, acs=22 (short: acs reserves 30)"
-    assert "available: les=16384, acs=22" in str(exc.value)
+    assert (exc.value.short, exc.value.avail["les"], exc.value.avail["acs"]) == ("acs", 16384, 22)
+    assert exc.value.detail == "acs: reserves 30, 22 free"
+    assert not (exc.value.no_le_pools or exc.value.no_tle_pools or exc.value.no_cntr_pools)
 
 
 def test_destroy_errors(cxi0, state):
@@ -416,11 +420,12 @@ def test_open_only_devices_present_in_sysfs(backend):
 
 _CHILD = """
 import sys
-from cxi_cni.cxi.backend import ServiceDesc
+from cxi_cni.cxi.backend import Limit, ServiceDesc
 from cxi_cni.cxi.libcxi import LibcxiBackend
 backend = LibcxiBackend(sys.argv[1], sys.argv[2])
 with backend.open("cxi0") as device:
-    ids = [device.alloc_svc(ServiceDesc.for_netns([int(sys.argv[3])])) for _ in range(5)]
+    ids = [device.alloc_svc(ServiceDesc.for_netns([int(sys.argv[3])], limits={"txqs": Limit(4, 0)}))
+           for _ in range(5)]
 print(" ".join(map(str, ids)))
 """
 
@@ -460,7 +465,7 @@ def test_missing_set_netns_is_reported_with_the_file(lib_without_netns, sysfs, s
     auto.check()
     info = auto.library(with_versions=True)
     assert (info.file, info.netns_calls) == (str(lib_without_netns.resolve()), False)
-    assert info.versions == ("LIBCXI_1.0", "LIBCXI_1.2", "LIBCXI_1.9")
+    assert info.versions == ("LIBCXI_1.0", "LIBCXI_1.2", "LIBCXI_1.5", "LIBCXI_1.8", "LIBCXI_1.9")
     assert (auto.stack.name, auto.stack.chosen_by) == (
         "netns-member", f"{lib_without_netns.resolve()} has no cxil_svc_set_netns")
     with auto.open("cxi0") as device, pytest.raises(BackendUnavailable) as exc:

@@ -8,6 +8,9 @@ driver what it allows.
 | shs-14.0.0 | the same | the same | a VNI belongs to one service per NIC (alloc -EEXIST) |
 | netns-member | member NET_NS (3) holding the inode, given to cxil_alloc_svc | the members | none |
 
+On drivers before 14.0.1 (so on 14.0.0 and, as far as known, the research patches) every
+service that limits LEs at all takes one of the NIC's LE pools (`le_pool_per_service`).
+
 `auto` takes the call stacks when the library has cxil_svc_set_netns and cxil_svc_get_netns
 (LIBCXI_1.10) and the member stack (the research patches) otherwise. Whether a call-stack
 driver has the 14.0.0 rule shows when it refuses a shared VNI, or in `probe_shared_vni`.
@@ -55,6 +58,9 @@ class Stack:
     chosen_by: str = ""
     netns_calls: bool = True  # binds with cxil_svc_set_netns and shows with cxil_svc_get_netns
     unique_vnis: bool | None = False  # None: not known (auto on a call stack)
+    # Every service that limits LEs takes an LE pool, not only one reserving them (drivers
+    # before 14.0.1, shs-cxi-driver d54e468); None: not known.
+    le_pool_per_service: bool | None = False
 
     def alloc(self, dev, desc: ServiceDesc, inode: int) -> int:
         """cxil_alloc_svc for a service that will belong to namespace `inode`. VniInUse when
@@ -147,12 +153,12 @@ def make(name: str, chosen_by: str) -> Stack:
     if name == "shs-14.0.0":
         return Stack(name, "HPE SHS 14.0.0", "Two pods of one job cannot "
                      f"share a NIC: the driver gives a VNI to one service per NIC; {UPGRADE}",
-                     chosen_by, unique_vnis=True)
+                     chosen_by, unique_vnis=True, le_pool_per_service=True)
     if name == "netns-member":
         return MemberStack(name, "the research patches: a NET_NS service member",
                            "Services are bound at alloc through their member; libfabric "
                            "finds them only with the research patch to libfabric, else "
-                           "through `cxi env`", chosen_by)
+                           "through `cxi env`", chosen_by, le_pool_per_service=True)
     raise ValueError(f"unknown CXI stack {name!r}")
 
 
@@ -164,7 +170,8 @@ def resolve(choice: str, library: LibraryInfo) -> Stack:
             return Stack("netns-call", "HPE SHS 14.0.0 or later (cxil_svc_set_netns)",
                          "Whether two pods of one job can share a NIC depends on the driver: "
                          "14.0.0 refuses, 14.0.1 allows (cxi doctor probes it)",
-                         f"{library.file} has cxil_svc_set_netns", unique_vnis=None)
+                         f"{library.file} has cxil_svc_set_netns", unique_vnis=None,
+                         le_pool_per_service=None)
         return make("netns-member", f"{library.file} has no cxil_svc_set_netns")
     stack = make(choice, f"cxi.stack is {choice!r}")
     if stack.netns_calls and not library.netns_calls:
