@@ -29,6 +29,7 @@ from .backend import (
     BackendUnavailable,
     CxiError,
     LibraryInfo,
+    Limit,
     Member,
     ServiceDesc,
     VniInUse,
@@ -40,6 +41,9 @@ CHOICES = (AUTO, "shs-14.0.1", "shs-14.0.0", "netns-member")
 NEVER_A_NETNS = 1
 # VNIs the probes try, from the top of the range down, skipping those in use.
 PROBE_VNIS = range(65534, 65500, -1)
+# The probes' services reserve nothing and take no LE or TLE pool (a service without
+# limits would take a TLE pool, of which a NIC has 4), so a full NIC can still be probed.
+PROBE_LIMITS = {"txqs": Limit(1, 0)}
 SET_NETNS_NEEDED = "libcxi >= 1.10 / LIBCXI_1.10 needed to bind a service to a network namespace"
 
 
@@ -272,12 +276,17 @@ def _probe_services(dev, make_descs: Callable[[int], list[ServiceDesc]],
     return Probe(None, "not probed: no free VNI to probe with")
 
 
+def probe_desc(vni: int) -> ServiceDesc:
+    """A service nobody can use (restricted to no member), on `vni`, holding nothing."""
+    return ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True,
+                       resource_limits=True, limits=dict(PROBE_LIMITS))
+
+
 def probe_shared_vni(dev) -> Probe:
     """Whether the driver lets two services hold the same VNI (SHS 14.0.1) or not (14.0.0):
     two member-less services (nobody can use them) on an unused VNI, destroyed again."""
     def descs(vni):
-        desc = ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True)
-        return [desc, desc]
+        return [probe_desc(vni), probe_desc(vni)]
     return _probe_services(dev, descs, (1, errno.EEXIST))
 
 
@@ -289,15 +298,13 @@ def probe_set_netns(dev) -> Probe:
         dev.svc_enable(svc_id, False)
         dev.svc_set_netns(svc_id, NEVER_A_NETNS)
 
-    def descs(vni):
-        return [ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True)]
-    return _probe_services(dev, descs, (1, errno.EINVAL), bind)
+    return _probe_services(dev, lambda vni: [probe_desc(vni)], (1, errno.EINVAL), bind)
 
 
 def probe_member_netns(dev) -> Probe:
     """Whether the driver accepts a NET_NS member at alloc (the research patches): one
     service whose member is a namespace nobody has, destroyed again."""
     def descs(vni):
-        return [ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True,
-                            members=(Member(NEVER_A_NETNS, MEMBER_NET_NS), Member(0, MEMBER_IGNORE)))]
+        return [replace(probe_desc(vni), members=(Member(NEVER_A_NETNS, MEMBER_NET_NS),
+                                                  Member(0, MEMBER_IGNORE)))]
     return _probe_services(dev, descs, (0, errno.EINVAL))
