@@ -29,6 +29,27 @@ def open_backend(conf: NetConf) -> Backend:
     return LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
 
 
+def shape_of(conf: NetConf, cpus: int | None = None) -> Shape:
+    """The configured limits of every resource (Slurm's per-CPU reservations with
+    cxi.defaults "slurm") for a pod of `cpus` CPUs (None: cxi.cpus), within the node
+    policy's ceilings."""
+    cxi = conf.cxi
+    per_cpu = SLURM_PER_CPU if cxi.defaults == "slurm" else {}
+    rules = []
+    for name in RESOURCES:
+        lim = cxi.limits.get(name)
+        given = lim.per_cpu if lim is not None else None
+        rules.append((name, LimitRule(lim.max if lim else None, lim.res if lim else None,
+                                      per_cpu.get(name, 0) if given is None else given)))
+    policy = getattr(conf, "node_policy", None)
+    ceilings = (policy.limits if policy else None) or {}
+    caps = tuple((name, Limit(*(SLURM_MAX[name] if cap.get(key) is None else cap[key]
+                                for key in ("max", "res"))))
+                 for name, cap in sorted(ceilings.items()))
+    lpr = None if cxi.lnisPerRgid == "auto" else cxi.lnisPerRgid
+    return Shape(tuple(rules), cpus or cxi.cpus, cxi.adjustLimits, caps, lpr)
+
+
 class Invocation:
     """One command's context; close it (or use it as a context) to release the namespace."""
 
@@ -104,26 +125,7 @@ class Invocation:
     def spec(self, vnis, cpus: int | None = None) -> ServiceSpec:
         """What each service of this attachment grants: the VNIs, the TCs, and limits shaped
         for a pod of `cpus` CPUs (None: cxi.cpus)."""
-        return ServiceSpec(tuple(vnis), frozenset(self.conf.cxi.tcs), self.shape(cpus))
-
-    def shape(self, cpus: int | None = None) -> Shape:
-        """The configured limits of every resource (Slurm's per-CPU reservations with
-        cxi.defaults "slurm"), within the node policy's ceilings."""
-        cxi = self.conf.cxi
-        per_cpu = SLURM_PER_CPU if cxi.defaults == "slurm" else {}
-        rules = []
-        for name in RESOURCES:
-            lim = cxi.limits.get(name)
-            given = lim.per_cpu if lim is not None else None
-            rules.append((name, LimitRule(lim.max if lim else None, lim.res if lim else None,
-                                          per_cpu.get(name, 0) if given is None else given)))
-        policy = getattr(self.conf, "node_policy", None)
-        ceilings = (policy.limits if policy else None) or {}
-        caps = tuple((name, Limit(*(SLURM_MAX[name] if cap.get(key) is None else cap[key]
-                                    for key in ("max", "res"))))
-                     for name, cap in sorted(ceilings.items()))
-        lpr = None if cxi.lnisPerRgid == "auto" else cxi.lnisPerRgid
-        return Shape(tuple(rules), cpus or cxi.cpus, cxi.adjustLimits, caps, lpr)
+        return ServiceSpec(tuple(vnis), frozenset(self.conf.cxi.tcs), shape_of(self.conf, cpus))
 
     def pod_cpus(self, api_cpus: float | None) -> int:
         """The pod's CPUs: what the API says (its containers' limits, else requests, rounded

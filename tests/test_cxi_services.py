@@ -251,10 +251,25 @@ def test_services_json_and_doctor(cni, sim, netns, cxi_bin, tmp_path):
                 "ifname"} <= set(row)
         assert row["netns_inode"] == os.stat(netns).st_ino and row["vnis"] == [100]
         assert row["enabled"] is True and row["container_id"] == "ctr1" and row["ifname"] == "eth0"
+        assert (row["tcs"], row["lnis_per_rgid"]) == (None, 1)
+        assert row["limits"]["les"] == {"max": 16384, "res": 0} and "tles" not in row["limits"]
+    text = subprocess.run([cxi_bin, "services", "--config", str(path)], capture_output=True,
+                          text=True, check=True, env=env).stdout.splitlines()
+    assert text[2].split() == ["limits", "(reserved/max):", "ptes", "0/2048", "txqs", "0/1024",
+                               "tgqs", "0/512", "eqs", "0/2047", "cts", "0/2047", "les",
+                               "0/16384", "acs", "0/1022;", "LNIs", "per", "resource", "group:", "1"]
     doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
                             text=True, env=env)
     assert doctor.returncode == 0, doctor.stdout
     assert f"backend {sim.kind}: reachable, devices cxi0, cxi1" in doctor.stdout
+    assert ("ok    cxi1: totals ptes 2048, txqs 1024, tgqs 512, eqs 2047, cts 2047, les 16384, "
+            "tles 2048, acs 1022") in doctor.stdout
+    if sim.stack == "shs-14.0.1":  # the default shape reserves nothing and takes no pool
+        assert ("ok    cxi0: pods of the configured shape (1 CPU: reserves nothing) reserve "
+                "nothing and need no LE or TLE pool") in doctor.stdout, doctor.stdout
+    else:  # before 14.0.1 each takes an LE pool, of which this pod holds one
+        assert ("ok    cxi0: 14 more pods of the configured shape fit (1 CPU: reserves nothing); "
+                "LE pools run out first") in doctor.stdout, doctor.stdout
     if sim.kind == "sim":
         sim.sim_state.write_text("{")
         doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
