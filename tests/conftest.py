@@ -262,6 +262,21 @@ def cxi_setup(request, tmp_path, monkeypatch) -> SimSetup:
     return libcxi_setup(request, tmp_path, monkeypatch, stack)
 
 
+@pytest.fixture
+def node_policy(tmp_path):
+    """A node policy file (root's, 0644) and the environment that points the plugin at it."""
+    folder = tmp_path / "etc-cxi-cni"
+    folder.mkdir(mode=0o755)
+    path = folder / "policy.json"
+
+    def write(**keys) -> dict:
+        path.write_text(json.dumps(keys))
+        path.chmod(0o644)
+        return {"CXI_CNI_POLICY": str(path)}
+    write.path = path
+    return write
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""

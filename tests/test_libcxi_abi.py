@@ -341,6 +341,30 @@ def test_alloc_short_of_resources_says_what_was_available(cxi0):
     assert not (exc.value.no_le_pools or exc.value.no_tle_pools or exc.value.no_cntr_pools)
 
 
+def test_totals_without_sysfs_come_from_the_default_service(lib_path, tmp_path, state):
+    """A driver that shows no num_* properties: the default service's limits are the device's
+    totals (but TLEs, which it reserves 512 of: the Cassini count, 2048)."""
+    root = standin.make_sysfs(tmp_path / "bare", [standin.Nic("cxi0", "hsn0", "0000:21:00.0", None)])
+    (root / "devices" / "pci0000:00" / "0000:21:00.0" / "properties" / "rgids_avail").unlink()
+    standin.write_device(state, 0, totals=(100, 90, 80, 70, 60, 50, 40, 30))
+    with LibcxiBackend(str(lib_path), str(root)).open("cxi0") as device:
+        assert device.totals() == {"ptes": 100, "txqs": 90, "tgqs": 80, "eqs": 70, "cts": 60,
+                                   "les": 50, "tles": 2048, "acs": 30}
+        assert device.rgids_avail() is None
+
+
+def test_resource_use_of_another_layout_is_not_read():
+    """The driver answers svc_id 0 for one service; any other id means a struct of another
+    layout, whose counts would be read at the wrong offsets."""
+    raw = abi.CxiRsrcUse(svc_id=0, tle_pool_id=2)
+    raw.in_use[1] = 7
+    assert abi.rsrc_use_counts(raw, 5)["txqs"] == 7
+    raw.svc_id = 5
+    assert abi.rsrc_use_counts(raw, 5)["txqs"] == 7
+    raw.svc_id = 0x70000
+    assert abi.rsrc_use_counts(raw, 5) is None
+
+
 def test_destroy_errors(cxi0, state):
     for svc_id in (1, 999):
         with pytest.raises(CxiError) as exc:

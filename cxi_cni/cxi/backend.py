@@ -119,7 +119,8 @@ class NoResources(CxiError):
     def __init__(self, device: str, asked: dict[str, Limit], avail: dict[str, int],
                  no_le_pools: bool = False, no_tle_pools: bool = False,
                  no_cntr_pools: bool = False):
-        self.asked, self.avail = dict(asked), dict(avail)
+        self.asked = dict(asked)
+        self.avail = {name: avail.get(name, 0) for name in RESOURCES}  # 0: not counted
         self.no_le_pools, self.no_tle_pools = no_le_pools, no_tle_pools
         self.no_cntr_pools = no_cntr_pools
         self.short = next((name for name in RESOURCES if name != "tles" and name in asked
