@@ -261,7 +261,7 @@ class LibcxiDevice:
         self._check("cxil_get_svc", self._lib.cxil_get_svc(self._dev(), svc_id, ctypes.byref(raw)))
         return abi.struct_to_desc(raw)
 
-    def list_services(self) -> list[Service]:
+    def list_services(self, netns: bool = True) -> list[Service]:
         list_ptr = ctypes.c_void_p()
         self._check("cxil_get_svc_list", self._lib.cxil_get_svc_list(self._dev(), ctypes.byref(list_ptr)))
         try:
@@ -271,7 +271,7 @@ class LibcxiDevice:
         services = []
         for raw in raws:
             desc = abi.struct_to_desc(raw)
-            inode = self.stack.listed_netns(desc, self._listed_netns)
+            inode = self.stack.listed_netns(desc, self._listed_netns) if netns else 0
             services.append(Service(device=self.name, desc=desc, netns_inode=inode))
         return sorted(services, key=lambda service: service.svc_id)
 

@@ -74,7 +74,7 @@ def device_headroom(dev, adjust: bool) -> dict[str, int]:
     """The most a service may be given on `dev` (shape.headroom over its system services)."""
     system = []
     if adjust:
-        system = [(svc, dev.svc_rsrc_use(svc.svc_id)) for svc in dev.list_services()
+        system = [(svc, dev.svc_rsrc_use(svc.svc_id)) for svc in dev.list_services(netns=False)
                   if svc.desc.is_system_svc]
     return headroom(dev.totals(), system, adjust)
 

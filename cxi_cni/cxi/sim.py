@@ -364,11 +364,11 @@ class SimDevice:
         with self._device(op, write=False) as (device, _):
             return desc_from_json(self._service(device, op, svc_id)["desc"])
 
-    def list_services(self) -> list[Service]:
+    def list_services(self, netns: bool = True) -> list[Service]:
         with self._device("cxil_get_svc_list", write=False) as (device, _):
-            netns = {int(sid): svc["netns"] for sid, svc in device["services"].items()}
+            bound = {int(sid): svc["netns"] for sid, svc in device["services"].items()}
             services = [desc_from_json(svc["desc"]) for svc in device["services"].values()]
-        return [Service(self.name, desc, self.stack.listed_netns(desc, netns.__getitem__))
+        return [Service(self.name, desc, self.stack.listed_netns(desc, bound.__getitem__) if netns else 0)
                 for desc in services]
 
     def totals(self) -> dict[str, int]:
