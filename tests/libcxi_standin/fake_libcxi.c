@@ -841,18 +841,29 @@ static int op_rsrc_use(struct state *st, struct fake_dev *d, unsigned int svc_id
 	return 0;
 }
 
+/* Run a reading op into a copy, and hand the copy out only when it succeeds. */
+static int copy_out(struct cxil_dev *dev, unsigned int svc_id,
+		    int (*op)(struct state *, struct fake_dev *, unsigned int, void *), void *out,
+		    size_t size)
+{
+	union {
+		struct cxi_svc_desc desc;
+		struct cxi_rsrc_use use;
+	} copy;
+	int rc;
+
+	if (!out || size > sizeof(copy))
+		return -EINVAL;
+	rc = with_svc(dev, svc_id, op, &copy, false);
+	if (!rc)
+		memcpy(out, &copy, size);
+	return rc;
+}
+
 EXPORT int cxil_get_svc_rsrc_use(struct cxil_dev *dev, unsigned int svc_id,
 				 struct cxi_rsrc_use *rsrcs)
 {
-	struct cxi_rsrc_use use;
-	int rc;
-
-	if (!rsrcs)
-		return -EINVAL;
-	rc = with_svc(dev, svc_id, op_rsrc_use, &use, false);
-	if (!rc)
-		*rsrcs = use;
-	return rc;
+	return copy_out(dev, svc_id, op_rsrc_use, rsrcs, sizeof(*rsrcs));
 }
 
 static int op_set_lpr(struct state *st, struct fake_dev *d, unsigned int svc_id, void *arg)
@@ -908,15 +919,7 @@ static int op_get_svc(struct state *st, struct fake_dev *d, unsigned int svc_id,
 
 EXPORT int cxil_get_svc(struct cxil_dev *dev, unsigned int svc_id, struct cxi_svc_desc *desc)
 {
-	struct cxi_svc_desc copy;
-	int rc;
-
-	if (!desc)
-		return -EINVAL;
-	rc = with_svc(dev, svc_id, op_get_svc, &copy, false);
-	if (!rc)
-		*desc = copy;
-	return rc;
+	return copy_out(dev, svc_id, op_get_svc, desc, sizeof(*desc));
 }
 
 static int op_list(struct state *st, struct fake_dev *d, unsigned int unused, void *arg)
