@@ -637,3 +637,24 @@ def test_import_is_light():
         check=True,
     ).stdout.splitlines()
     assert out == ["[]", "False"], out
+
+
+def test_a_library_without_the_lpr_calls(caplog):
+    """libcxi before 1.8 has no cxil_set_svc_lpr: a configured number of LNIs per resource
+    group names what is missing; a computed one is logged and the service used as it is."""
+    from types import SimpleNamespace
+
+    from cxi_cni.cxi.libcxi import LibcxiDevice
+    from cxi_cni.cxi.services import share_rgids
+    from cxi_cni.cxi.shape import Shape
+
+    device = LibcxiDevice(SimpleNamespace(), object(), "cxi0", None, "/usr/lib64/libcxi.so.1.4.0")
+    device.rgids_avail = lambda: 2
+    assert device.svc_get_lpr(2) is None and device.svc_rsrc_use(2) is None
+    with pytest.raises(BackendUnavailable) as exc:
+        share_rgids(device, 2, Shape(lnis_per_rgid=4), 1)
+    assert str(exc.value) == ("/usr/lib64/libcxi.so.1.4.0 has no cxil_set_svc_lpr (libcxi >= 1.8 / "
+                              "LIBCXI_1.8 needed to share resource groups between LNIs)")
+    share_rgids(device, 2, Shape(cpus=8), 1)  # auto: 8 CPUs over 2 groups left
+    assert "4 LNIs per resource group needed on cxi0, not set" in caplog.text
+    device._handle = None  # nothing to close
