@@ -11,7 +11,7 @@ from . import __version__
 from .cni.args import CmdArgs
 from .cni.errors import CniError
 from .cni.version import LATEST, SUPPORTED_VERSIONS
-from .cxi.backend import BackendUnavailable, CxiError
+from .cxi.backend import RESOURCES, TRAFFIC_CLASSES, BackendUnavailable, CxiError
 from .demo import run_demo
 from .doctor import run_checks
 from .gc import collect
@@ -71,28 +71,41 @@ def version():
 
 
 def service_rows(inv, include_all: bool) -> list[dict]:
-    """Services on the configured backend's devices, joined with this plugin's records."""
+    """Services on the configured backend's devices, joined with this plugin's records:
+    each with its TCs (None: all, unrestricted), its limits (None: none, the driver's
+    defaults) and LNIs per resource group (None: the library cannot tell)."""
     claims = {(b.device, b.svc_id): record for record in inv.store.all() for b in record.services}
     rows = []
     for name in inv.backend.device_names():
         dev = inv.backend.open(name)
         try:
-            services = dev.list_services()
+            listed = [(svc, claims.get((name, svc.svc_id))) for svc in dev.list_services()]
+            listed = [(svc, record, dev.svc_get_lpr(svc.svc_id)) for svc, record in listed
+                      if record is not None or include_all]
         finally:
             dev.close()
-        for svc in services:
-            record = claims.get((name, svc.svc_id))
-            if record is None and not include_all:
-                continue
+        for svc, record, lpr in listed:
+            desc = svc.desc
             rows.append({
                 "device": name, "svc_id": svc.svc_id, "netns_inode": svc.netns_inode,
-                "vnis": list(svc.desc.vnis), "tcs": sorted(svc.desc.tcs),
-                "enabled": svc.desc.enable,
+                "vnis": list(desc.vnis),
+                "tcs": [tc for tc in TRAFFIC_CLASSES if tc in desc.tcs] if desc.restricted_tcs else None,
+                "limits": {r: {"max": desc.limits[r].max, "res": desc.limits[r].res}
+                           for r in RESOURCES if r in desc.limits} if desc.resource_limits else None,
+                "lnis_per_rgid": lpr,
+                "enabled": desc.enable, "system": desc.is_system_svc,
                 "container_id": record.container_id if record else None,
                 "ifname": record.ifname if record else None,
                 "netns": record.netns if record else None,
             })
     return rows
+
+
+def limits_text(row: dict) -> str:
+    """ "ptes 0/2048 ... acs 2/4" (reserved/max; a resource not listed cannot be used)."""
+    if row["limits"] is None:
+        return "none (the driver's defaults)"
+    return " ".join(f"{name} {lim['res']}/{lim['max']}" for name, lim in row["limits"].items()) or "-"
 
 
 @cli.command(help="List the CXI services this plugin made (with --all: every service).")
@@ -106,11 +119,15 @@ def services(config_path, as_json, include_all):
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(f"{'DEVICE':8} {'SVC':>5} {'NETNS INODE':>12} {'ENABLED':8} {'VNIS':14} "
-               "CONTAINER/IFNAME")
+               f"{'TCS':24} CONTAINER/IFNAME")
     for r in rows:
         owner = f"{r['container_id'][:24]}/{r['ifname']}" if r["container_id"] else "-"
+        tcs = ",".join(r["tcs"]) if r["tcs"] is not None else "all"
         click.echo(f"{r['device']:8} {r['svc_id']:>5} {r['netns_inode']:>12} "
-                   f"{str(r['enabled']).lower():8} {','.join(map(str, r['vnis'])) or '-':14} {owner}")
+                   f"{str(r['enabled']).lower():8} {','.join(map(str, r['vnis'])) or '-':14} "
+                   f"{tcs:24} {owner}")
+        lpr = f"; LNIs per resource group: {r['lnis_per_rgid']}" if r["lnis_per_rgid"] else ""
+        click.echo(f"{'':14} limits (reserved/max): {limits_text(r)}{lpr}")
 
 
 def guarded(fn):

@@ -16,6 +16,7 @@ from . import nodepolicy
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
 from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
+from .cxi.shape import MAX_LNIS_PER_RGID, SLURM_MAX
 from .cxi.stacks import CHOICES as STACKS
 from .schema import SchemaValidator, ValidationError, cs
 from .vniset import VniSet
@@ -65,9 +66,18 @@ VNI_LIST = cs.list_schema(cs.union_schema(
     [cs.int_schema(ge=1, le=65535, strict=True), cs.str_schema(pattern=r"^\s*\d{1,5}\s*(-\s*\d{1,5}\s*)?$")],
     custom_error_type="vni_or_range", custom_error_message='should be a VNI (1..65535) or a range like "100-199"'))
 LIMIT_FIELDS = (
-    Field("max", U16, REQUIRED),
-    Field("res", U16, 0),
+    Field("max", U16, None),
+    Field("res", U16, None),
+    Field("def", U16, None),
 )
+# Slurm's traffic classes (tcs=LOW_LATENCY:BEST_EFFORT, any case, TC_ prefix optional) and
+# the pair it gives a job by default.
+SLURM_TCS = ("low_latency", "best_effort")
+TCS_STRING = r"^[A-Za-z_]+(:[A-Za-z_]+)*$"
+# The most a DEL waits for LNIs to let go of its services (destroyRetries x destroyRetryDelay):
+# a quarter of the kubelet's default runtime request timeout (2 min), which bounds the
+# StopPodSandbox that runs DEL, leaving room for a second cxi attachment and the chain.
+MAX_DESTROY_WAIT = 30.0
 CXI_FIELDS = (
     Field("backend", cs.literal_schema(["libcxi", "sim"]), "libcxi",
           'set cxi.backend to "libcxi" (real NICs) or "sim" (simulated)'),
@@ -99,10 +109,30 @@ CXI_FIELDS = (
           "cxi.maxServicesPerPod is how many services one pod may hold on one NIC (1..64)"),
     Field("vniPolicy", cs.literal_schema(["fallback", "required"]), "fallback",
           'set cxi.vniPolicy to "fallback" (use cxi.vnis) or "required"'),
-    Field("tcs", cs.list_schema(cs.literal_schema(list(TRAFFIC_CLASSES))), [],
-          "cxi.tcs lists traffic classes among " + ", ".join(TRAFFIC_CLASSES)),
+    Field("tcs", cs.union_schema([cs.list_schema(cs.literal_schema(list(TRAFFIC_CLASSES))),
+                                  cs.str_schema()]), [],
+          "cxi.tcs lists traffic classes among " + ", ".join(TRAFFIC_CLASSES)
+          + ', or is a string as Slurm writes it, like "LOW_LATENCY:BEST_EFFORT" (TC_ prefix '
+          "optional)"),
     Field("limits", cs.dict_schema(cs.literal_schema(list(RESOURCES)), strict_dict(LIMIT_FIELDS)), {},
-          "cxi.limits maps " + ", ".join(RESOURCES) + ' to {"max": N, "res": M} with 0 <= res <= max'),
+          "cxi.limits maps " + ", ".join(RESOURCES) + ' to {"max": N, "res": M, "def": D} (def: '
+          "reserved per CPU of the pod) with res <= max <= the resource's Cassini total ("
+          + ", ".join(f"{name} {total}" for name, total in SLURM_MAX.items()) + ")"),
+    Field("defaults", cs.literal_schema(["none", "slurm"]), "none",
+          'set cxi.defaults to "none" or "slurm" (Slurm\'s per-CPU reservations and traffic '
+          "classes)"),
+    Field("adjustLimits", cs.bool_schema(), True),
+    Field("cpus", cs.int_schema(ge=1, le=4096, strict=True), 1,
+          "cxi.cpus is the pod's CPU count (1..4096) when the Kubernetes API does not give one"),
+    Field("lnisPerRgid", cs.union_schema([cs.literal_schema(["auto"]),
+                                          cs.int_schema(ge=1, le=MAX_LNIS_PER_RGID, strict=True)]),
+          "auto", f'set cxi.lnisPerRgid to "auto" or a number of LNIs 1..{MAX_LNIS_PER_RGID}'),
+    Field("destroyRetries", cs.int_schema(ge=0, le=600, strict=True), 5,
+          f"cxi.destroyRetries (0..600) times cxi.destroyRetryDelay (seconds) must stay within "
+          f"{MAX_DESTROY_WAIT:g} s, so DEL ends before the runtime gives up on it"),
+    Field("destroyRetryDelay", cs.float_schema(ge=0, le=MAX_DESTROY_WAIT, strict=True), 1.0,
+          f"cxi.destroyRetryDelay is seconds (0..{MAX_DESTROY_WAIT:g}) between two tries of a "
+          "destroy the driver answered -EBUSY"),
 )
 NETCONF_FIELDS = (
     Field("cniVersion", cs.str_schema(), REQUIRED,
@@ -132,15 +162,19 @@ NETCONF_FIELDS = (
     Field("runtimeConfig", nullable(cs.dict_schema()), None),
 )
 VALIDATOR = SchemaValidator(strict_dict(NETCONF_FIELDS, extra="ignore"))
-POLICY_VALIDATOR = nodepolicy.policy_schema(VNI_LIST, list(VNI_SOURCES), ["libcxi", "sim"])
+POLICY_VALIDATOR = nodepolicy.policy_schema(VNI_LIST, list(VNI_SOURCES), ["libcxi", "sim"],
+                                            list(RESOURCES), list(TRAFFIC_CLASSES))
 # Dotted field path -> its fix, for the error's details.
 FIXES = {**{f.name: f.fix for f in NETCONF_FIELDS}, **{f"cxi.{f.name}": f.fix for f in CXI_FIELDS}}
 
 
 @dataclass(frozen=True)
 class LimitConf:
-    max: int
-    res: int = 0
+    """One resource's limit as configured; None: not given (see cxi/shape.py LimitRule)."""
+
+    max: int | None = None
+    res: int | None = None
+    per_cpu: int | None = None
 
 
 class LinkModes:
@@ -168,8 +202,18 @@ def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, b
     if conf.mtu and conf.mtu < 68:
         return "mtu", "an MTU below 68 cannot carry IPv4", True
     for name, lim in conf.cxi.limits.items():
-        if lim.res > lim.max:
+        for key, value in (("max", lim.max), ("res", lim.res), ("def", lim.per_cpu)):
+            if value is not None and value > SLURM_MAX[name]:
+                return (f"cxi.limits.{name}.{key}", f"{value} is more than a Cassini NIC has "
+                        f"({SLURM_MAX[name]})", True)
+        if lim.res is not None and lim.max is not None and lim.res > lim.max:
             return f"cxi.limits.{name}", f"res ({lim.res}) must not exceed max ({lim.max})", True
+    if isinstance(conf.cxi.tcs, str):
+        return "cxi.tcs", conf.cxi.tcs, True
+    if conf.cxi.destroyRetries * conf.cxi.destroyRetryDelay > MAX_DESTROY_WAIT:
+        return "cxi.destroyRetries", (f"{conf.cxi.destroyRetries} retries "
+                                      f"{conf.cxi.destroyRetryDelay:g} s apart wait longer than "
+                                      f"{MAX_DESTROY_WAIT:g} s"), True
     if len(set(conf.cxi.vnis)) != len(conf.cxi.vnis):
         return "cxi.vnis", "VNIs must not repeat", True
     for key in ("allowedVnis", "podVnis"):
@@ -196,9 +240,31 @@ def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, b
     return None
 
 
+def slurm_tcs(text: str) -> list[str]:
+    """Traffic classes as Slurm's tcs= writes them ("TC_LOW_LATENCY:best_effort"); ValueError
+    naming the first one that is none."""
+    found = []
+    for word in text.split(":"):
+        name = word.strip().lower().removeprefix("tc_")
+        if name not in TRAFFIC_CLASSES:
+            raise ValueError(f"{word!r} in {text!r} is not a traffic class ("
+                             + ", ".join(tc.upper() for tc in TRAFFIC_CLASSES) + ", TC_ prefix optional)")
+        if name not in found:
+            found.append(name)
+    return found
+
+
 def build_conf(data: dict) -> NetConf:
     cxi = data.pop("cxi")
-    cxi["limits"] = {name: LimitConf(**lim) for name, lim in cxi["limits"].items()}
+    cxi["limits"] = {name: LimitConf(lim["max"], lim["res"], lim["def"])
+                     for name, lim in cxi["limits"].items()}
+    if isinstance(cxi["tcs"], str):
+        try:  # semantic_problem reports it with the field's fix
+            cxi["tcs"] = slurm_tcs(cxi["tcs"])
+        except ValueError as exc:
+            cxi["tcs"] = str(exc)
+    if not cxi["tcs"] and cxi["defaults"] == "slurm":
+        cxi["tcs"] = list(SLURM_TCS)
     for key in ("allowedVnis", "podVnis"):
         try:
             cxi[key] = VniSet.parse(cxi[key])

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from .cni.errors import CniError
 from .config import parse_conf
 from .cxi import stacks
-from .cxi.backend import BackendUnavailable, CxiError
+from .cxi.backend import RESOURCES, BackendUnavailable, CxiError
+from .cxi.services import device_headroom
+from .cxi.shape import TLE_POOLS, fit, holds_tle_pool, reservation
 from .files import FileProblem
-from .invocation import open_backend
+from .invocation import open_backend, shape_of
 from .k8s import READS
 from .kubeapi import ApiClient, KubeError, KubeUnavailable
 from .kubeconfig import load_access
@@ -58,7 +60,7 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
         yield False, f"backend {backend.name}: {exc}"
         return
     yield True, f"backend {backend.name}: reachable, devices {', '.join(names)}"
-    yield from stack_checks(backend, names[0])
+    found = yield from stack_checks(backend, names[0])
     if conf.cxi.devices == "master":
         try:
             yield True, f"master {conf.master} is on {backend.device_for_netdev(conf.master)}"
@@ -68,11 +70,15 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
         missing = sorted(set(conf.cxi.devices) - set(names))
         yield (not missing), ("cxi.devices: all present" if not missing
                               else f"cxi.devices names absent devices: {', '.join(missing)}")
+    le_pool_per_service = backend.stack.le_pool_per_service
+    if le_pool_per_service is None:  # a call stack: the probe told 14.0.1 from older
+        le_pool_per_service = found != "shs-14.0.1"
     for name in names:
         try:
             dev = backend.open(name)
             try:
                 services = dev.list_services()
+                lines = list(capacity(conf, dev, services, le_pool_per_service))
             finally:
                 dev.close()
         except (CxiError, BackendUnavailable) as exc:
@@ -80,10 +86,46 @@ def backend_checks(conf) -> Iterator[tuple[bool, str]]:
             continue
         bound = sum(1 for s in services if s.netns_inode)
         yield True, f"{name}: {len(services)} services, {bound} bound to a network namespace"
+        yield from lines
+
+
+def counts(values: dict[str, int]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in values.items())
+
+
+def capacity(conf, dev, services, le_pool_per_service: bool) -> Iterator[tuple[bool | str, str]]:
+    """A device's totals, what its system services hold (what adjustLimits takes off), and
+    how many more pods of the configured shape (at cxi.cpus CPUs) it takes, and what runs
+    out first."""
+    totals = dev.totals()
+    yield True, f"{dev.name}: totals {counts(totals)}"
+    system = [s for s in services if s.desc.is_system_svc]
+    if system:
+        held = {name: sum(reservation(s, name) for s in system) for name in RESOURCES}
+        ids = ", ".join(str(s.svc_id) for s in system)
+        yield True, (f"{dev.name}: system services ({ids}) reserve {counts(held)}"
+                     + ("" if conf.cxi.adjustLimits else "; cxi.adjustLimits is off: pods may "
+                        "be given limits up to the totals"))
+    shape = shape_of(conf)
+    limits = shape.limits(device_headroom(dev, shape.adjust))
+    asked = {name: lim.res for name, lim in limits.items() if lim.res}
+    what = (f"{shape.cpus} CPU{'s' if shape.cpus != 1 else ''}: reserves "
+            + (counts(asked) if asked else "nothing"))
+    pools = TLE_POOLS - sum(holds_tle_pool(s) for s in services)
+    room = fit(limits, totals, services, le_pool_per_service)
+    if room.count is None:
+        yield True, (f"{dev.name}: pods of the configured shape ({what}) reserve nothing and "
+                     f"need no LE or TLE pool: no bound but the driver's ({pools} TLE pools left)")
+    else:
+        status = True if room.count else WARN
+        fits = "pod of the configured shape fits" if room.count == 1 else "pods of the configured shape fit"
+        yield status, (f"{dev.name}: {room.count} more {fits} ({what}); {room.limited_by} "
+                       "run out first")
 
 
 def stack_checks(backend, device: str) -> Iterator[tuple[bool | str, str]]:
-    """The library and driver found, and the stack they make, probed on `device`."""
+    """The library and driver found, and the stack they make, probed on `device`; returns
+    the stack the probe found (None: none or not probed)."""
     info, stack = backend.library(with_versions=True), backend.stack
     versions = f", symbol versions {info.versions[0]} to {info.versions[-1]}" if info.versions else ""
     yield True, (f"library: {info.file}{versions}, cxil_svc_set_netns "
@@ -91,18 +133,21 @@ def stack_checks(backend, device: str) -> Iterator[tuple[bool | str, str]]:
     revision = backend.driver_revision()
     yield True, (f"driver: {revision}" if revision else
                  "driver: no revision shown (class/cxi/cxiN/device/properties/driver_rev)")
+    found = None
     try:
         dev = backend.open(device)
         try:
-            yield identify(stack, dev)
+            status, line, found = identify(stack, dev)
+            yield status, line
         finally:
             dev.close()
     except (CxiError, BackendUnavailable) as exc:
         yield WARN, f"stack {stack.name}: {stack.chosen_by}; not probed on {device}: {exc}"
     yield NOTE, TESTED
+    return found
 
 
-def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str]:
+def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str, str | None]:
     """Ask the driver what the library alone cannot tell: on the call stacks whether it has
     SVC_SET_NETNS (older drivers do not) and whether two services may hold one VNI (14.0.1)
     or not (14.0.0); on the member stack whether the driver takes a NET_NS member at all
@@ -112,7 +157,7 @@ def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str]:
         if probe.answer is False:
             return False, (f"stack: none works on this node: {stack.chosen_by}, but the driver "
                            f"of {dev.name} has no SVC_SET_NETNS (it predates SHS 14.0.0: "
-                           f"{probe.detail}); install the driver of SHS 14.0.1 or later")
+                           f"{probe.detail}); install the driver of SHS 14.0.1 or later"), None
         probe = stacks.probe_shared_vni(dev)
         found = {True: "shs-14.0.1", False: "shs-14.0.0"}.get(probe.answer)
         asked = f"two services with one VNI on {dev.name}: {probe.detail}"
@@ -122,14 +167,15 @@ def identify(stack: stacks.Stack, dev) -> tuple[bool | str, str]:
         asked = f"a NET_NS member on {dev.name}: {probe.detail}"
         if probe.answer is False:
             return False, (f"stack: none works on this node: {stack.chosen_by}, and the driver "
-                           f"refuses {asked}; install SHS 14.0.1 or later")
+                           f"refuses {asked}; install SHS 14.0.1 or later"), None
     head = f"stack {found or stack.name} ({stacks.make(found, '').title if found else stack.title})"
     if found is None:
-        return WARN, f"{head}: {stack.chosen_by}; {asked}"
+        return WARN, f"{head}: {stack.chosen_by}; {asked}", None
     if stack.name not in (found, "netns-call", "netns-member"):
-        return WARN, f"{head}: the driver contradicts cxi.stack {stack.name!r} ({asked})"
+        return WARN, f"{head}: the driver contradicts cxi.stack {stack.name!r} ({asked})", found
     meaning = stacks.make(found, "").meaning
-    return (WARN if found == "shs-14.0.0" else True), f"{head}: {stack.chosen_by}; {asked}. {meaning}"
+    return ((WARN if found == "shs-14.0.0" else True),
+            f"{head}: {stack.chosen_by}; {asked}. {meaning}", found)
 
 
 def state_checks(conf) -> Iterator[tuple[bool, str]]:

@@ -14,7 +14,8 @@ from .cni.errors import (
     UNKNOWN_CONTAINER,
     CniError,
 )
-from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, VniInUse
+from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, NoResources, VniInUse
+from .cxi.shape import LE_POOLS, TLE_POOLS
 from .netns import NetnsInvalid, NetnsMissing
 from .state import StateError
 
@@ -34,7 +35,10 @@ ERRNO_FIXES = {
     errno.EPERM: "the device is a VF: bind services on the physical function",
     errno.EEXIST: "the service already has a UID/GID member",
     errno.ENODEV: "the CXI device is gone (cxi doctor lists the present ones)",
+    errno.EBADR: "the NIC has no LE or TLE pool left (a driver before SHS 14.0.0 says so this "
+                 "way): fewer services on it, or cxi.limits that reserve no LEs or TLEs",
 }
+FIT_HINT = "`cxi doctor` shows how many pods of this shape fit on each NIC"
 NETNS_FIX = ("pass the path of the container's network namespace, such as /run/netns/NAME "
              "or /proc/PID/ns/net")
 
@@ -64,6 +68,29 @@ def vni_in_use_error(exc: VniInUse, records) -> CniError:
                     "upgrade the node to SHS 14.0.1 or later (shs-cxi-driver commit fd6adba); "
                     "until then place the job's pods on different nodes (pod anti-affinity) or "
                     "NICs (cxi.devices)")
+
+
+def no_resources_error(exc: NoResources, pods: int, shape) -> CniError:
+    """The NIC had no room for the pod's service: what ran out (from the driver's fail_info),
+    how many pods' services the NIC holds, and what to change."""
+    held = f"{pods} pod{'s' if pods != 1 else ''}"
+    fixes = []
+    if exc.no_tle_pools:
+        fixes.append(f"each service that reserves TLEs takes one of the NIC's {TLE_POOLS} TLE "
+                     "pools (the default service holds one): give pods that use no triggered "
+                     "operations cxi.limits.tles {\"res\": 0, \"def\": 0}")
+    if exc.no_le_pools:
+        fixes.append(f"each service that reserves LEs takes one of the NIC's {LE_POOLS - 1} LE "
+                     "pools (before SHS 14.0.1 each that limits LEs at all): reserve no LEs "
+                     "(cxi.limits.les res and def 0), or upgrade the node")
+    if exc.short:
+        cpus = f" for {shape.cpus} CPU{'s' if shape.cpus != 1 else ''}" if shape else ""
+        fixes.append(f"this pod reserves {exc.asked[exc.short].res} {exc.short}{cpus}: lower "
+                     f"cxi.limits.{exc.short} (res, or def per CPU)")
+    fixes.append("or place the pod on a node with room; " + FIT_HINT)
+    return CniError(CXI_FAILURE, f"{exc.device} has no room for this pod's CXI service: "
+                    f"{exc.what()} (cxil_alloc_svc -ENOSPC); the NIC holds the services of "
+                    f"{held}", "; ".join(fixes))
 
 
 def netns_error(exc: NetnsMissing | NetnsInvalid) -> CniError:

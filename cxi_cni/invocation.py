@@ -1,14 +1,18 @@
 """What one command works with: its CNI arguments, the parsed configuration, the attachment
-records, the CXI backend (opened on first use) and the pod's network namespace (opened once)."""
+records, the CXI backend (opened on first use) and the pod's network namespace (opened once),
+and what the configuration makes of a pod's services (their spec, the destroy retries)."""
 
 from __future__ import annotations
+
+import math
 
 from . import logs
 from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, CniError
 from .config import NetConf, parse_conf
-from .cxi.backend import Backend, BackendUnavailable, Limit
-from .cxi.services import ServiceSpec
+from .cxi.backend import RESOURCES, Backend, BackendUnavailable, Limit
+from .cxi.services import Retry, ServiceSpec
+from .cxi.shape import SLURM_MAX, SLURM_PER_CPU, LimitRule, Shape
 from .errors import BACKEND_UNAVAILABLE
 from .files import FileProblem
 from .lazy import lazy
@@ -26,6 +30,27 @@ def open_backend(conf: NetConf) -> Backend:
     if conf.cxi.backend == "sim":
         return sim.SimBackend(conf.cxi.simState, conf.cxi.stack)
     return libcxi.LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
+
+
+def shape_of(conf: NetConf, cpus: int | None = None) -> Shape:
+    """The configured limits of every resource (Slurm's per-CPU reservations with
+    cxi.defaults "slurm") for a pod of `cpus` CPUs (None: cxi.cpus), within the node
+    policy's ceilings."""
+    cxi = conf.cxi
+    per_cpu = SLURM_PER_CPU if cxi.defaults == "slurm" else {}
+    rules = []
+    for name in RESOURCES:
+        lim = cxi.limits.get(name)
+        given = lim.per_cpu if lim is not None else None
+        rules.append((name, LimitRule(lim.max if lim else None, lim.res if lim else None,
+                                      per_cpu.get(name, 0) if given is None else given)))
+    policy = getattr(conf, "node_policy", None)
+    ceilings = (policy.limits if policy else None) or {}
+    caps = tuple((name, Limit(*(SLURM_MAX[name] if cap.get(key) is None else cap[key]
+                                for key in ("max", "res"))))
+                 for name, cap in sorted(ceilings.items()))
+    lpr = None if cxi.lnisPerRgid == "auto" else cxi.lnisPerRgid
+    return Shape(tuple(rules), cpus or cxi.cpus, cxi.adjustLimits, caps, lpr)
 
 
 class Invocation:
@@ -100,8 +125,17 @@ class Invocation:
                            "backend", "run `cxi doctor` on the node")
         return names
 
-    def spec(self, vnis) -> ServiceSpec:
-        """What each service of this attachment grants: the VNIs, TCs and limits."""
-        limits = tuple((name, Limit(lim.max, lim.res))
-                       for name, lim in sorted(self.conf.cxi.limits.items()))
-        return ServiceSpec(tuple(vnis), frozenset(self.conf.cxi.tcs), limits)
+    def spec(self, vnis, cpus: int | None = None) -> ServiceSpec:
+        """What each service of this attachment grants: the VNIs, the TCs, and limits shaped
+        for a pod of `cpus` CPUs (None: cxi.cpus)."""
+        return ServiceSpec(tuple(vnis), frozenset(self.conf.cxi.tcs), shape_of(self.conf, cpus))
+
+    def pod_cpus(self, api_cpus: float | None) -> int:
+        """The pod's CPUs: what the API says (its containers' limits, else requests, rounded
+        up), else cxi.cpus."""
+        return math.ceil(api_cpus) if api_cpus else self.conf.cxi.cpus
+
+    @property
+    def retry(self) -> Retry:
+        """How a destroy the driver answers -EBUSY is tried again."""
+        return Retry(self.conf.cxi.destroyRetries, self.conf.cxi.destroyRetryDelay)

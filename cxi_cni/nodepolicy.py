@@ -1,7 +1,8 @@
 """The node policy: bounds the cluster admin writes beside the node's CNI files that no network
 configuration can widen. A NAD is a network configuration, and tenants often write NADs in
 their own namespaces; the policy file is root's alone, so its VNIs, VNI sources, backend,
-library and kubeconfig hold whatever a NAD says (see SECURITY.md)."""
+library and kubeconfig, and its ceilings on a pod's share of the NIC (resource limits and
+traffic classes), hold whatever a NAD says (see SECURITY.md)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,16 @@ class PolicyError(Exception):
         self.field = field
 
 
-def policy_schema(vni_list: dict, sources: list[str], backends: list[str]) -> SchemaValidator:
+def policy_schema(vni_list: dict, sources: list[str], backends: list[str], resources: list[str],
+                  tcs: list[str]) -> SchemaValidator:
     def opt(schema):
         return cs.typed_dict_field(cs.with_default_schema(schema, default=None), required=False)
 
+    count = cs.int_schema(ge=0, le=65535, strict=True)
+    ceiling = cs.typed_dict_schema({"max": opt(count), "res": opt(count)}, extra_behavior="forbid")
     return SchemaValidator(cs.typed_dict_schema({
+        "limits": opt(cs.dict_schema(cs.literal_schema(resources), ceiling)),
+        "tcs": opt(cs.list_schema(cs.literal_schema(tcs))),
         "allowedVnis": opt(vni_list),
         "podVnis": opt(vni_list),
         "vniSources": opt(cs.list_schema(cs.literal_schema(sources))),
@@ -54,6 +60,8 @@ class NodePolicy:
     vniSources: list[str] | None = None
     allowDefaultVni: bool | None = None
     maxServicesPerPod: int | None = None
+    limits: dict[str, dict] | None = None  # per resource {"max": N, "res": M}, ceilings
+    tcs: list[str] | None = None
     backends: list[str] | None = None
     libcxi: list[str] | None = None
     kubeconfig: list[str] | None = None
@@ -81,6 +89,12 @@ class NodePolicy:
             cxi.allowDefaultVni = cxi.allowDefaultVni and self.allowDefaultVni
         if self.maxServicesPerPod is not None:
             cxi.maxServicesPerPod = min(cxi.maxServicesPerPod, self.maxServicesPerPod)
+        if self.tcs is not None and not teardown:
+            outside = [tc for tc in cxi.tcs if tc not in self.tcs]
+            if outside:
+                raise PolicyError("cxi.tcs", f"traffic class {outside[0]} is not allowed by "
+                                  f"{where} (it allows {', '.join(self.tcs) or 'none'})")
+            cxi.tcs = list(cxi.tcs or self.tcs)
         if teardown:
             cxi.vniSources = [s for s in cxi.vniSources if s in (self.vniSources or cxi.vniSources)]
             return

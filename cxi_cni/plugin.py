@@ -10,9 +10,9 @@ from . import faults, logs, vnis
 from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .cni.version import merge_results
-from .cxi.backend import Service, VniInUse
-from .cxi.services import Binding, bind_netns, destroy, differences
-from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, vni_in_use_error
+from .cxi.backend import NoResources, Service, VniInUse
+from .cxi.services import NO_RETRY, Binding, bind_netns, bound_services, destroy, differences
+from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, no_resources_error, vni_in_use_error
 from .gc import collect
 from .invocation import Invocation
 from .lazy import lazy
@@ -30,7 +30,10 @@ class CxiPlugin:
     def add(self, args: CmdArgs) -> dict:
         with Invocation(args) as inv:
             netns = inv.netns()
-            spec = inv.spec(vnis.resolve(inv.conf, args.args))
+            resolver = vnis.VniResolver(inv.conf, args.args)
+            pod_vnis = resolver.resolve()
+            cpus = inv.pod_cpus(resolver.api_cpus)
+            spec = inv.spec(pod_vnis, cpus)
             devices = inv.devices() if spec.vnis else []
             with inv.store.lock(args.container_id, args.ifname):
                 previous = inv.store.load(args.container_id, args.ifname)
@@ -44,7 +47,7 @@ class CxiPlugin:
                                           spec.vnis, tuple(sorted(spec.tcs)), devices,
                                           link=link.record if link else None,
                                           allocating=devices[0] if devices else None,
-                                          pod=logs.pod_fields(args.args))
+                                          pod=logs.pod_fields(args.args), cpus=cpus)
                 inv.store.save(record)
                 faults.point("after-record")
                 with ExitStack() as undo:
@@ -87,11 +90,15 @@ class CxiPlugin:
             except VniInUse as exc:
                 record.services = []  # bind_netns destroyed them
                 raise vni_in_use_error(exc, inv.store.all()) from None
+            except NoResources as exc:
+                record.services = []
+                pods = {s.netns_inode for s in bound_services(inv.backend, [exc.device])}
+                raise no_resources_error(exc, len(pods), spec.shape) from None
             except BaseException:
                 record.services = []
                 raise
         undo.callback(logs.undo_step, "destroy the pod's services", destroy, inv.backend,
-                      bindings, record.netns_inode, ())
+                      bindings, record.netns_inode, NO_RETRY)
         return bindings
 
     @mapped
@@ -135,10 +142,15 @@ class CxiPlugin:
             problems.append(f"the attachment was made for netns inode {record.netns_inode}, "
                             f"CNI_NETNS has inode {inode}")
         spec = inv.spec(record.vnis)
-        expected = vnis.resolve(inv.conf, inv.args.args)
+        resolver = vnis.VniResolver(inv.conf, inv.args.args)
+        expected = resolver.resolve()
         if expected != spec.vnis:
             problems.append(f"the pod's VNIs are now {list(expected)}, its services grant "
                             f"{list(spec.vnis)}")
+        cpus = inv.pod_cpus(resolver.api_cpus)
+        if record.cpus and record.services and cpus != record.cpus:
+            problems.append(f"the pod now has {cpus} CPUs, its services reserve for "
+                            f"{record.cpus}")
         recorded = {b.device for b in record.services}
         for device in (inv.devices() if spec.vnis else []):
             if device not in recorded:

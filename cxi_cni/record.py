@@ -61,7 +61,8 @@ class LinkRecord:
 class AttachmentRecord:
     """One attachment (containerID, ifname): the intent first, then each service as it is
     made. `allocating` names the device of an alloc in flight (a crash there leaves an
-    orphan service); `complete` is set when ADD succeeded."""
+    orphan service); `complete` is set when ADD succeeded. `cpus` is the pod's CPU count its
+    services' reservations were made for (0: made by a version that did not say)."""
 
     container_id: str
     ifname: str
@@ -76,6 +77,7 @@ class AttachmentRecord:
     complete: bool = False
     created: float = field(default_factory=time.time)
     pod: dict[str, str] = field(default_factory=dict)
+    cpus: int = 0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -92,6 +94,8 @@ class AttachmentRecord:
             out["allocating"] = self.allocating
         if self.pod:
             out["pod"] = self.pod
+        if self.cpus:
+            out["cpus"] = self.cpus
         return out
 
     @classmethod
@@ -126,4 +130,5 @@ class AttachmentRecord:
             complete=data.get("complete") is True,
             created=float(data.get("created") or 0) if isinstance(data.get("created"), int | float) else 0.0,
             pod={k: str(v) for k, v in pod.items()} if isinstance(pod, dict) else {},
+            cpus=cpus if isinstance(cpus := data.get("cpus"), int) and not isinstance(cpus, bool) else 0,
         )

@@ -65,7 +65,7 @@ def release_services(inv: Invocation, record: AttachmentRecord) -> None:
                         record.netns_inode)
     if not record.services:
         return
-    failures = destroy(inv.backend, record.services, record.netns_inode)
+    failures = destroy(inv.backend, record.services, record.netns_inode, inv.retry)
     if failures:
         record.services = [binding for binding, _ in failures]
         inv.store.save(record)

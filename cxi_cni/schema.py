@@ -34,8 +34,9 @@ class CoreSchema:
         return shape("bool")
 
     @staticmethod
-    def float_schema(ge: float | None = None, le: float | None = None) -> dict:
-        return shape("float", ge=ge, le=le)
+    def float_schema(ge: float | None = None, le: float | None = None,
+                     strict: bool | None = None) -> dict:
+        return shape("float", ge=ge, le=le, strict=strict)
 
     @staticmethod
     def literal_schema(expected: list) -> dict:

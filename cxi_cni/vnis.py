@@ -74,6 +74,11 @@ class VniResolver:
         self._lookup: k8s.PodLookup | None = None
         self._namespace_vnis: VniSet | None = None
 
+    @property
+    def api_cpus(self) -> float | None:
+        """The pod's CPUs as the API said them (None: the API was not asked, or knows none)."""
+        return self.facts.cpus if self.facts is not None and self.facts.found else None
+
     def resolve(self) -> tuple[int, ...]:
         """The VNIs; () when none is found and the policy lets the pod start without a CXI
         service (it then cannot use the NIC at all)."""

@@ -143,18 +143,26 @@ class SimSetup:
         with self.backend().state.transaction() as state:
             state["devices"][device]["services"][str(svc_id)]["busy"] = busy
 
+    def set_in_use(self, device: str, svc_id: int, in_use: dict[str, int]) -> None:
+        """What the service's processes use (cxil_get_svc_rsrc_use), by resource name."""
+        with self.backend().state.transaction() as state:
+            state["devices"][device]["services"][str(svc_id)]["in_use"] = dict(in_use)
+
     def records(self) -> list[dict]:
         if not self.state_dir.exists():
             return []
         return [json.loads(p.read_text()) for p in self.state_dir.glob("*.json")]
 
-    def seed(self, devices: dict) -> None:
-        """Devices as {name: (netdev, is_vf, totals dict or None)}."""
+    def seed(self, devices: dict, rgids_avail: int | None = None) -> None:
+        """Devices as {name: (netdev, is_vf, totals dict or None)}, each with `rgids_avail`
+        resource groups left (default: all of them)."""
         from cxi_cni.cxi.sim import STATE_VERSION, new_device
 
         state = {"version": STATE_VERSION, "stack": self.stack, "devices": {
             name: new_device(netdev, f"0000:{0x41 + i:02x}:00.0", vf=vf, totals=totals)
             for i, (name, (netdev, vf, totals)) in enumerate(sorted(devices.items()))}}
+        for device in state["devices"].values():
+            device["rgids_avail"] = rgids_avail or device["rgids_avail"]
         self.sim_state.write_text(json.dumps(state))
 
 
@@ -183,7 +191,7 @@ class LibcxiSetup(SimSetup):
 
         return LibcxiBackend(str(self.lib), str(self.root / "sys"))
 
-    def seed(self, devices: dict) -> None:
+    def seed(self, devices: dict, rgids_avail: int | None = None) -> None:
         from libcxi_standin import standin
 
         from cxi_cni.cxi.backend import RESOURCES
@@ -195,17 +203,24 @@ class LibcxiSetup(SimSetup):
             shutil.rmtree(sysfs)
         self.lib_state.write_text("")
         standin.write_driver(self.lib_state, self.stack)
-        nics = [standin.Nic(name, netdev, f"0000:{0x41 + i:02x}:00.0")
+        totals = {name: tuple(t[r] for r in RESOURCES) if t else standin.TOTALS
+                  for name, (_, _, t) in devices.items()}
+        nics = [standin.Nic(name, netdev, f"0000:{0x41 + i:02x}:00.0", totals[name],
+                            rgids_avail or 255)
                 for i, (name, (netdev, _, _)) in enumerate(sorted(devices.items()))]
         standin.make_sysfs(sysfs, nics, driver_rev=f"standin-{self.stack}")
-        for name, (_, vf, totals) in devices.items():
-            kwargs = {"totals": tuple(totals[r] for r in RESOURCES)} if totals else {}
-            standin.write_device(self.lib_state, int(name[3:]), is_vf=vf, **kwargs)
+        for name, (_, vf, _) in devices.items():
+            standin.write_device(self.lib_state, int(name[3:]), is_vf=vf, totals=totals[name])
 
     def set_busy(self, device: str, svc_id: int, busy: int) -> None:
         from libcxi_standin import standin
 
         standin.set_busy(self.lib_state, int(device[3:]), svc_id, busy)
+
+    def set_in_use(self, device: str, svc_id: int, in_use: dict[str, int]) -> None:
+        from libcxi_standin import standin
+
+        standin.set_in_use(self.lib_state, int(device[3:]), svc_id, in_use)
 
 
 @pytest.fixture
@@ -245,6 +260,21 @@ def cxi_setup(request, tmp_path, monkeypatch) -> SimSetup:
     if kind == "sim":
         return SimSetup(tmp_path, stack)
     return libcxi_setup(request, tmp_path, monkeypatch, stack)
+
+
+@pytest.fixture
+def node_policy(tmp_path):
+    """A node policy file (root's, 0644) and the environment that points the plugin at it."""
+    folder = tmp_path / "etc-cxi-cni"
+    folder.mkdir(mode=0o755)
+    path = folder / "policy.json"
+
+    def write(**keys) -> dict:
+        path.write_text(json.dumps(keys))
+        path.chmod(0o644)
+        return {"CXI_CNI_POLICY": str(path)}
+    write.path = path
+    return write
 
 
 @pytest.fixture(scope="session")

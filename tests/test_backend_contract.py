@@ -14,13 +14,16 @@ from cxi_cni.cxi.backend import (
     MEMBER_IGNORE,
     MEMBER_NET_NS,
     MEMBER_UID,
+    RESOURCES,
     BackendUnavailable,
     CxiError,
     Limit,
     Member,
+    NoResources,
     ServiceDesc,
     VniInUse,
 )
+from cxi_cni.cxi.shape import NOT_APPLICABLE
 
 INODE = 4026532999
 
@@ -228,3 +231,99 @@ def test_a_forced_call_stack_needs_the_netns_calls(old_node):
         backend.check()
     assert "has no cxil_svc_set_netns" in str(info.value)
     assert "cxi.stack 'shs-14.0.0' needs" in str(info.value)
+
+
+# ---------------------------------------------------------------- a service's share of the NIC
+
+
+def limited(vni: int, **limits: Limit) -> ServiceDesc:
+    return ServiceDesc.for_netns([vni], limits=limits)
+
+
+def test_totals_resource_groups_and_the_default_services_share(cxi_setup, dev):
+    assert dev.totals() == dict(zip(RESOURCES, (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022),
+                                    strict=True))
+    assert dev.rgids_avail() == 255
+    default = dev.get_svc(1)
+    assert default.resource_limits and default.limits["tles"] == Limit(512, 512)
+    assert default.limits["les"] == Limit(16384, 0) and not default.enable
+    cxi_setup.seed({"cxi0": ("hsn0", False, SMALL)}, rgids_avail=7)
+    small = cxi_setup.backend().open("cxi0")
+    assert (small.totals()["les"], small.rgids_avail()) == (10, 7)
+
+
+def test_the_driver_keeps_tles_as_a_pool_of_at_least_eight(dev):
+    """TLEs limited at all are reserved as their max, at least 8; a service without limits
+    gets the driver's (the device's totals, 8 TLEs); LNIs per group start at 1."""
+    sid = dev.alloc_svc(limited(100, tles=Limit(100, 3), acs=Limit(4, 1)))
+    assert dev.get_svc(sid).limits == {"tles": Limit(8, 8), "acs": Limit(4, 1)}
+    assert dev.svc_get_lpr(sid) == 1
+
+
+def test_tle_pools_run_out_after_three_services(dev):
+    """4 TLE pools, the default service's one of them: services reserving TLEs, or without
+    limits, take the other 3; a service limiting TLEs to nothing takes none."""
+    dev.alloc_svc(limited(100, tles=Limit(8, 8)))
+    dev.alloc_svc(ServiceDesc.for_netns([101]))  # no limits: the driver's, 8 TLEs
+    dev.alloc_svc(limited(102, tles=Limit(16, 16)))
+    with pytest.raises(NoResources) as info:
+        dev.alloc_svc(limited(103, tles=Limit(8, 8)))
+    assert (info.value.no_tle_pools, info.value.no_le_pools, info.value.short) == (True, False, None)
+    assert info.value.detail == "no TLE pool left"
+    assert dev.alloc_svc(limited(104, txqs=Limit(4, 0))) > 1
+
+
+def test_le_pools_go_to_services_reserving_les_or_before_14_0_1_limiting_them(cxi_setup, dev):
+    """15 LE pools for services. SHS 14.0.1 gives one only to a service reserving LEs; older
+    drivers to every service that limits LEs at all."""
+    for n in range(15):
+        dev.alloc_svc(limited(100 + n, les=Limit(64, 1)))
+    with pytest.raises(NoResources) as info:
+        dev.alloc_svc(limited(200, les=Limit(64, 1)))
+    assert info.value.no_le_pools and info.value.detail == "no LE pool left"
+    unreserved = limited(201, les=Limit(64, 0))
+    if cxi_setup.stack == "shs-14.0.1":
+        assert dev.alloc_svc(unreserved) > 1
+    else:
+        with pytest.raises(NoResources):
+            dev.alloc_svc(unreserved)
+
+
+def test_fail_info_names_the_first_reservation_short_and_no_tles(cxi_setup, dev):
+    """The driver checks reservations in order (PTE, TXQ, TGQ, EQ, CT, LE, AC; never TLE) and
+    stops at the first one short: what comes after it is not counted."""
+    dev.alloc_svc(limited(100, ptes=Limit(2048, 2000), acs=Limit(1022, 1000)))
+    with pytest.raises(NoResources) as info:
+        dev.alloc_svc(limited(101, ptes=Limit(2048, 100), acs=Limit(1022, 100)))
+    err = info.value
+    assert (err.short, err.avail["ptes"], err.avail["acs"]) == ("ptes", 48, 0)
+    assert err.detail == "ptes: reserves 100, 48 free"
+    with pytest.raises(NoResources) as info:  # the default service holds 512 of 2048 TLEs
+        dev.alloc_svc(limited(102, tles=Limit(1600, 1600)))
+    assert info.value.short is None and not info.value.no_tle_pools
+    assert info.value.detail == ("the driver names nothing short (it does not report TLEs; "
+                                 "this service reserves 1600)")
+
+
+def test_resource_use_of_a_service(cxi_setup, dev):
+    """cxil_get_svc_rsrc_use: what the service's processes use; LEs and TLEs only where it has
+    a pool of its own (0xFFFF: not applicable), or for the default service."""
+    sid = dev.alloc_svc(limited(100, txqs=Limit(10, 2), les=Limit(100, 10)))
+    cxi_setup.set_in_use("cxi0", sid, {"txqs": 3, "les": 7, "tles": 5})
+    assert dev.svc_rsrc_use(sid) == {**dict.fromkeys(RESOURCES, 0), "txqs": 3, "les": 7,
+                                     "tles": NOT_APPLICABLE}
+    cxi_setup.set_in_use("cxi0", 1, {"tles": 12})
+    assert dev.svc_rsrc_use(1)["tles"] == 12
+    fails(dev.svc_rsrc_use, errno.EINVAL, 777)
+
+
+def test_lnis_per_rgid_rules(cxi_setup, dev):
+    """cxil_set_svc_lpr: at most 8 LNIs per group, refused while an LNI uses the service."""
+    sid = dev.alloc_svc(limited(100, txqs=Limit(10, 2)))
+    dev.svc_set_lpr(sid, 4)
+    assert dev.svc_get_lpr(sid) == 4
+    fails(dev.svc_set_lpr, errno.EINVAL, sid, 9)
+    fails(dev.svc_set_lpr, errno.EINVAL, 777, 2)
+    cxi_setup.set_busy("cxi0", sid, 1)
+    fails(dev.svc_set_lpr, errno.EBUSY, sid, 2)
+    assert dev.svc_get_lpr(sid) == 4

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cxi_cni.cxi.backend import MEMBER_IGNORE, MEMBER_NET_NS, Limit, Member
+from cxi_cni.cxi.backend import MEMBER_IGNORE, MEMBER_NET_NS, Limit, Member, ServiceDesc
 
 SMALL = {"ptes": 2048, "txqs": 1024, "tgqs": 512, "eqs": 2047, "cts": 2047, "les": 10,
          "tles": 2048, "acs": 1022}
@@ -65,6 +65,9 @@ def test_device_selection_by_list_and_by_master(cni, sim, netns, make_veth):
 
 
 def test_tcs_and_limits_reach_the_service(cni, sim, netns):
+    """Every resource gets a limit, as one without could not be used at all: those named as
+    given, the others up to the device's total with nothing reserved, and no TLEs (which
+    would take one of the NIC's TLE pools)."""
     conf = sim.conf(cxi={"tcs": ["low_latency", "best_effort"],
                          "limits": {"les": {"max": 100, "res": 10}, "acs": {"max": 4, "res": 2}}})
     cni("ADD", conf, netns=netns).ok()
@@ -72,8 +75,9 @@ def test_tcs_and_limits_reach_the_service(cni, sim, netns):
         desc = svc.desc
         assert desc.restricted_tcs and sorted(desc.tcs) == ["best_effort", "low_latency"]
         assert desc.resource_limits
-        assert {k: v for k, v in desc.limits.items() if v != Limit(0, 0)} == \
-            {"acs": Limit(4, 2), "les": Limit(100, 10)}
+        assert desc.limits == {"ptes": Limit(2048, 0), "txqs": Limit(1024, 0), "tgqs": Limit(512, 0),
+                               "eqs": Limit(2047, 0), "cts": Limit(2047, 0), "les": Limit(100, 10),
+                               "acs": Limit(4, 2)}
     cni("CHECK", conf, netns=netns).ok()
 
 
@@ -116,9 +120,13 @@ def test_del_removes_services_even_after_the_netns_is_gone(cni, sim, make_netns)
 
 def test_rollback_when_device_two_of_two_fails(cni, sim, netns):
     sim.seed({"cxi0": ("hsn0", False, None), "cxi1": ("hsn1", False, SMALL)})
-    err = cni("ADD", sim.conf(cxi={"limits": {"les": {"max": 20}}}), netns=netns).error(100)
-    assert "cxi1" in err["msg"] and "Invalid argument" in err["msg"]
-    assert sim.services() == [] and sim.records() == []
+    blocker = sim.backend().open("cxi1").alloc_svc(ServiceDesc(
+        restricted_vnis=True, vnis=(900,), resource_limits=True, limits={"les": Limit(10, 6)}))
+    err = cni("ADD", sim.conf(cxi={"limits": {"les": {"res": 8}}}), netns=netns).error(100)
+    assert err["msg"].startswith("cxi1 has no room for this pod's CXI service: les: reserves 8, "
+                                 "4 free"), err
+    assert [(s.device, s.svc_id) for s in sim.services()] == [("cxi1", blocker)]
+    assert sim.records() == []
 
 
 def test_rollback_on_a_vf_keeps_nothing(cni, sim, netns):
@@ -189,18 +197,24 @@ def test_readd_replaces_the_old_services(cni, sim, netns):
 
 
 def test_32_concurrent_adds_give_32_distinct_services(cni, sim, make_netns):
+    """32 pods at once on one NIC. Before SHS 14.0.1 every service limiting LEs takes one of
+    the NIC's 15 LE pools: 15 pods get one, the others fail saying so and leave nothing."""
+    fit = 32 if sim.stack == "shs-14.0.1" else 15
     spaces = [make_netns() for _ in range(32)]
     confs = [sim.conf(cxi={"devices": ["cxi0"], "vnis": [100 + i]}) for i in range(32)]
     with ThreadPoolExecutor(max_workers=32) as pool:
         runs = list(pool.map(lambda i: cni("ADD", confs[i], netns=spaces[i], container_id=f"c{i}"),
                              range(32)))
+    made = [i for i, run in enumerate(runs) if run.rc == 0]
+    assert len(made) == fit, [run.stdout for run in runs if run.rc]
     for run in runs:
-        run.ok()
+        if run.rc:
+            assert "no LE pool left" in run.error(100)["msg"]
     services = sim.services()
-    assert len(services) == 32
-    assert len({s.svc_id for s in services}) == 32
-    assert {s.netns_inode for s in services} == {os.stat(ns).st_ino for ns in spaces}
-    assert len(sim.records()) == 32
+    assert len(services) == fit
+    assert len({s.svc_id for s in services}) == fit
+    assert {s.netns_inode for s in services} == {os.stat(spaces[i]).st_ino for i in made}
+    assert len(sim.records()) == fit
     with ThreadPoolExecutor(max_workers=32) as pool:
         for run in pool.map(lambda i: cni("DEL", confs[i], netns=spaces[i], container_id=f"c{i}"),
                             range(32)):
@@ -237,10 +251,25 @@ def test_services_json_and_doctor(cni, sim, netns, cxi_bin, tmp_path):
                 "ifname"} <= set(row)
         assert row["netns_inode"] == os.stat(netns).st_ino and row["vnis"] == [100]
         assert row["enabled"] is True and row["container_id"] == "ctr1" and row["ifname"] == "eth0"
+        assert (row["tcs"], row["lnis_per_rgid"]) == (None, 1)
+        assert row["limits"]["les"] == {"max": 16384, "res": 0} and "tles" not in row["limits"]
+    text = subprocess.run([cxi_bin, "services", "--config", str(path)], capture_output=True,
+                          text=True, check=True, env=env).stdout.splitlines()
+    assert text[2].split() == ["limits", "(reserved/max):", "ptes", "0/2048", "txqs", "0/1024",
+                               "tgqs", "0/512", "eqs", "0/2047", "cts", "0/2047", "les",
+                               "0/16384", "acs", "0/1022;", "LNIs", "per", "resource", "group:", "1"]
     doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,
                             text=True, env=env)
     assert doctor.returncode == 0, doctor.stdout
     assert f"backend {sim.kind}: reachable, devices cxi0, cxi1" in doctor.stdout
+    assert ("ok    cxi1: totals ptes 2048, txqs 1024, tgqs 512, eqs 2047, cts 2047, les 16384, "
+            "tles 2048, acs 1022") in doctor.stdout
+    if sim.stack == "shs-14.0.1":  # the default shape reserves nothing and takes no pool
+        assert ("ok    cxi0: pods of the configured shape (1 CPU: reserves nothing) reserve "
+                "nothing and need no LE or TLE pool") in doctor.stdout, doctor.stdout
+    else:  # before 14.0.1 each takes an LE pool, of which this pod holds one
+        assert ("ok    cxi0: 14 more pods of the configured shape fit (1 CPU: reserves nothing); "
+                "LE pools run out first") in doctor.stdout, doctor.stdout
     if sim.kind == "sim":
         sim.sim_state.write_text("{")
         doctor = subprocess.run([cxi_bin, "doctor", "--config", str(path)], capture_output=True,

@@ -191,5 +191,8 @@ def test_the_node_policy_is_one_the_plugin_loads_and_keeps_tenant_sources_off(tm
     assert "args" not in policy.vniSources and not policy.podVnis and policy.allowDefaultVni is False
     assert policy.backends == ["libcxi"] and policy.libcxi == ["libcxi.so.1"]
     assert KUBECONFIG_ON_HOST in policy.kubeconfig
+    from cxi_cni.cxi.shape import SLURM_MAX  # no pod may reserve more than an eighth of a NIC
+    assert {name: cap["res"] for name, cap in policy.limits.items()} == \
+        {name: total // 8 for name, total in SLURM_MAX.items()}
     for _, config in nad_configs().values():
         assert set(config["cxi"]["vniSources"]) <= set(policy.vniSources)

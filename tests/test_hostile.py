@@ -108,8 +108,12 @@ FIELDS = {
     ("cxi", "allowedVnis"): ({"list"}, INVALID_CONFIG), ("cxi", "podVnis"): ({"list"}, INVALID_CONFIG),
     ("cxi", "noLookupNamespaces"): ({"list"}, INVALID_CONFIG),
     ("cxi", "maxServicesPerPod"): ({"int"}, INVALID_CONFIG),  # strict: no bool
-    ("cxi", "stack"): ({"str"}, INVALID_CONFIG),
-    ("cxi", "vniPolicy"): ({"str"}, INVALID_CONFIG), ("cxi", "tcs"): ({"list"}, INVALID_CONFIG),
+    ("cxi", "stack"): ({"str"}, INVALID_CONFIG), ("cxi", "defaults"): ({"str"}, INVALID_CONFIG),
+    ("cxi", "adjustLimits"): ({"bool"}, INVALID_CONFIG), ("cxi", "cpus"): ({"int"}, INVALID_CONFIG),
+    ("cxi", "lnisPerRgid"): ({"str", "int"}, INVALID_CONFIG),
+    ("cxi", "destroyRetries"): ({"int"}, INVALID_CONFIG),
+    ("cxi", "destroyRetryDelay"): ({"int", "float"}, INVALID_CONFIG),
+    ("cxi", "vniPolicy"): ({"str"}, INVALID_CONFIG), ("cxi", "tcs"): ({"list", "str"}, INVALID_CONFIG),
     ("cxi", "limits"): ({"dict"}, INVALID_CONFIG),
     ("cxi", "limits", "les", "max"): ({"int", "bool"}, INVALID_CONFIG),
 }

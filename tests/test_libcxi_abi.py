@@ -29,6 +29,7 @@ from cxi_cni.cxi.backend import (
     CxiError,
     Limit,
     Member,
+    NoResources,
     ServiceDesc,
 )
 from cxi_cni.cxi.libcxi import LibcxiBackend
@@ -329,12 +330,39 @@ def test_alloc_rejects_invalid_descs(cxi0, desc, why):
 
 
 def test_alloc_short_of_resources_says_what_was_available(cxi0):
+    """fail_info read through the ABI: the first reservation short (the driver checks LEs
+    before ACs and stops there), with what was free."""
     cxi0.alloc_svc(ServiceDesc.for_netns([3], limits={"acs": Limit(1000, 1000)}))
-    with pytest.raises(CxiError) as exc:
+    with pytest.raises(NoResources) as exc:
         cxi0.alloc_svc(ServiceDesc.for_netns([4], limits={"les": Limit(20, 10), "acs": Limit(30, 30)}))
     assert errno_of(exc) == errno.ENOSPC
-    assert exc.value.detail == "available: les=16384, acs=22 (short: acs reserves 30)"
-    assert "available: les=16384, acs=22" in str(exc.value)
+    assert (exc.value.short, exc.value.avail["les"], exc.value.avail["acs"]) == ("acs", 16384, 22)
+    assert exc.value.detail == "acs: reserves 30, 22 free"
+    assert not (exc.value.no_le_pools or exc.value.no_tle_pools or exc.value.no_cntr_pools)
+
+
+def test_totals_without_sysfs_come_from_the_default_service(lib_path, tmp_path, state):
+    """A driver that shows no num_* properties: the default service's limits are the device's
+    totals (but TLEs, which it reserves 512 of: the Cassini count, 2048)."""
+    root = standin.make_sysfs(tmp_path / "bare", [standin.Nic("cxi0", "hsn0", "0000:21:00.0", None)])
+    (root / "devices" / "pci0000:00" / "0000:21:00.0" / "properties" / "rgids_avail").unlink()
+    standin.write_device(state, 0, totals=(100, 90, 80, 70, 60, 50, 40, 30))
+    with LibcxiBackend(str(lib_path), str(root)).open("cxi0") as device:
+        assert device.totals() == {"ptes": 100, "txqs": 90, "tgqs": 80, "eqs": 70, "cts": 60,
+                                   "les": 50, "tles": 2048, "acs": 30}
+        assert device.rgids_avail() is None
+
+
+def test_resource_use_of_another_layout_is_not_read():
+    """The driver answers svc_id 0 for one service; any other id means a struct of another
+    layout, whose counts would be read at the wrong offsets."""
+    raw = abi.CxiRsrcUse(svc_id=0, tle_pool_id=2)
+    raw.in_use[1] = 7
+    assert abi.rsrc_use_counts(raw, 5)["txqs"] == 7
+    raw.svc_id = 5
+    assert abi.rsrc_use_counts(raw, 5)["txqs"] == 7
+    raw.svc_id = 0x70000
+    assert abi.rsrc_use_counts(raw, 5) is None
 
 
 def test_destroy_errors(cxi0, state):
@@ -416,11 +444,12 @@ def test_open_only_devices_present_in_sysfs(backend):
 
 _CHILD = """
 import sys
-from cxi_cni.cxi.backend import ServiceDesc
+from cxi_cni.cxi.backend import Limit, ServiceDesc
 from cxi_cni.cxi.libcxi import LibcxiBackend
 backend = LibcxiBackend(sys.argv[1], sys.argv[2])
 with backend.open("cxi0") as device:
-    ids = [device.alloc_svc(ServiceDesc.for_netns([int(sys.argv[3])])) for _ in range(5)]
+    ids = [device.alloc_svc(ServiceDesc.for_netns([int(sys.argv[3])], limits={"txqs": Limit(4, 0)}))
+           for _ in range(5)]
 print(" ".join(map(str, ids)))
 """
 
@@ -460,7 +489,7 @@ def test_missing_set_netns_is_reported_with_the_file(lib_without_netns, sysfs, s
     auto.check()
     info = auto.library(with_versions=True)
     assert (info.file, info.netns_calls) == (str(lib_without_netns.resolve()), False)
-    assert info.versions == ("LIBCXI_1.0", "LIBCXI_1.2", "LIBCXI_1.9")
+    assert info.versions == ("LIBCXI_1.0", "LIBCXI_1.2", "LIBCXI_1.5", "LIBCXI_1.8", "LIBCXI_1.9")
     assert (auto.stack.name, auto.stack.chosen_by) == (
         "netns-member", f"{lib_without_netns.resolve()} has no cxil_svc_set_netns")
     with auto.open("cxi0") as device, pytest.raises(BackendUnavailable) as exc:
@@ -608,3 +637,24 @@ def test_import_is_light():
         check=True,
     ).stdout.splitlines()
     assert out == ["[]", "False"], out
+
+
+def test_a_library_without_the_lpr_calls(caplog):
+    """libcxi before 1.8 has no cxil_set_svc_lpr: a configured number of LNIs per resource
+    group names what is missing; a computed one is logged and the service used as it is."""
+    from types import SimpleNamespace
+
+    from cxi_cni.cxi.libcxi import LibcxiDevice
+    from cxi_cni.cxi.services import share_rgids
+    from cxi_cni.cxi.shape import Shape
+
+    device = LibcxiDevice(SimpleNamespace(), object(), "cxi0", None, "/usr/lib64/libcxi.so.1.4.0")
+    device.rgids_avail = lambda: 2
+    assert device.svc_get_lpr(2) is None and device.svc_rsrc_use(2) is None
+    with pytest.raises(BackendUnavailable) as exc:
+        share_rgids(device, 2, Shape(lnis_per_rgid=4), 1)
+    assert str(exc.value) == ("/usr/lib64/libcxi.so.1.4.0 has no cxil_set_svc_lpr (libcxi >= 1.8 / "
+                              "LIBCXI_1.8 needed to share resource groups between LNIs)")
+    share_rgids(device, 2, Shape(cpus=8), 1)  # auto: 8 CPUs over 2 groups left
+    assert "4 LNIs per resource group needed on cxi0, not set" in caplog.text
+    device._handle = None  # nothing to close

@@ -291,11 +291,12 @@ def test_stop_start_restart_and_rm_follow_the_container(plugin_copy, pod, sim):
 
 
 def test_failing_add_reaches_podman_and_leaks_nothing(plugin_copy, pod, sim):
-    net = pod.bridge_network(cxi_entry(sim, cxi={"limits": {"acs": {"max": 5000}}}))
+    net = pod.bridge_network(cxi_entry(sim, cxi={"limits": {"tles": {"res": 2048}}}))
     container, proc = pod.run(net, check=False)
     assert proc.returncode != 0, proc.stdout
     assert 'plugin type="cxi" failed (add)' in proc.stderr, proc.stderr
-    assert "cxil_alloc_svc on cxi0 failed" in proc.stderr and "1022" in proc.stderr, proc.stderr
+    assert "cxi0 has no room for this pod's CXI service" in proc.stderr, proc.stderr
+    assert "reserves 2048" in proc.stderr, proc.stderr
     assert "cxi doctor" in proc.stderr, "the plugin's fix did not reach the user"
     assert pod.inspect(container)["State"]["Status"] != "running"
     assert_nothing_left(plugin_copy, pod, sim, net)

@@ -104,7 +104,7 @@ def test_del_always_succeeds(cni, sim, netns, case):
 
 
 def test_del_after_failed_add(cni, sim, netns):
-    conf = sim.conf(cxi={"limits": {"les": {"max": 60000, "res": 60000}}})
+    conf = sim.conf(cxi={"limits": {"tles": {"res": 2048}}})  # the default service holds 512
     cni("ADD", conf, netns=netns).error(100)
     cni("DEL", conf, netns=netns).ok()
     nothing_made(sim)
@@ -150,8 +150,10 @@ def bad_cases(sim, netns, tmp_path):
         "netns is the host's": (7, dict(netns="/proc/self/ns/net"), "host"),
         "no VNI anywhere": (7, dict(conf=sim.conf(cxi={"vnis": [], "vniPolicy": "required"})),
                             "no VNI"),
-        "limit beyond device": (100, dict(conf=sim.conf(cxi={"limits": {"acs": {"max": 5000}}})),
-                                "cxil_alloc_svc on cxi0"),
+        "limit beyond a NIC": (7, dict(conf=sim.conf(cxi={"limits": {"acs": {"max": 5000}}})),
+                               "cxi.limits.acs.max"),
+        "no room on the NIC": (100, dict(conf=sim.conf(cxi={"limits": {"tles": {"res": 2048}}})),
+                               "cxi0 has no room"),
         "libcxi missing": (101, dict(conf=sim.conf(cxi={"backend": "libcxi",
                                                         "libcxi": str(tmp_path / "libcxi.so.1")})),
                            "libcxi.so.1"),
@@ -167,7 +169,7 @@ BAD_NAMES = [
     "stdin not an object", "stdin not UTF-8", "VNI out of range", "too many VNIs",
     "VNI 1 without leave", "bad mode", "devices master without master", "unknown device",
     "res above max", "relative stateDir", "netns is a regular file", "netns is the host's",
-    "no VNI anywhere", "limit beyond device", "libcxi missing", "stateDir is a symlink",
+    "no VNI anywhere", "limit beyond a NIC", "no room on the NIC", "libcxi missing", "stateDir is a symlink",
 ]
 
 

@@ -230,21 +230,6 @@ def test_a_pod_the_api_does_not_know_starts_without_a_service(cni, sim, netns, a
     assert "no VNI for this pod" in err["msg"]
 
 
-@pytest.fixture
-def node_policy(tmp_path):
-    """A node policy file (root's, 0644) and the environment that points the plugin at it."""
-    folder = tmp_path / "etc-cxi-cni"
-    folder.mkdir(mode=0o755)
-    path = folder / "policy.json"
-
-    def write(**keys) -> dict:
-        path.write_text(json.dumps(keys))
-        path.chmod(0o644)
-        return {"CXI_CNI_POLICY": str(path)}
-    write.path = path
-    return write
-
-
 def test_a_tenants_nad_cannot_widen_the_node_policy(cni, sim, make_netns, api, kubeconfig, node_policy):
     """A NAD in the tenant's namespace is a network configuration the tenant wrote: it may
     enable args, allow every VNI and name any library; the node policy holds regardless."""

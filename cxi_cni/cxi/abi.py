@@ -16,6 +16,7 @@ from cxi_cni.cxi.backend import (
     TRAFFIC_CLASSES,
     Limit,
     Member,
+    NoResources,
     ServiceDesc,
 )
 
@@ -85,6 +86,20 @@ class CxiSvcFailInfo(ctypes.Structure):
     ]
 
 
+class CxiRsrcUse(ctypes.Structure):
+    """struct cxi_rsrc_use as cxil_get_svc_rsrc_use fills it since the driver's resource
+    groups (shs-cxi-driver 67c3df0, in every release from SHS 12.0.0): the service id, its
+    TLE pool, and how many of each resource its processes use (0xFFFF: not applicable).
+    The first drivers had no tle_pool_id, which moved in_use 4 bytes ahead. The driver
+    leaves svc_id 0 in the answer for one service (cxi_svc_rsrc_get does not set it)."""
+
+    _fields_ = [
+        ("svc_id", ctypes.c_uint32),
+        ("tle_pool_id", ctypes.c_uint32),
+        ("in_use", ctypes.c_uint16 * len(RESOURCES)),
+    ]
+
+
 class CxilSvcListHead(ctypes.Structure):
     """The fixed head of struct cxil_svc_list; `count` descriptors follow it."""
 
@@ -111,6 +126,7 @@ def _assert_layout() -> None:
     assert ctypes.sizeof(SvcMember) == 8 and ctypes.sizeof(SvcLimit) == 4
     assert ctypes.sizeof(CxiSvcFailInfo) == 20
     assert CxiSvcFailInfo.no_le_pools.offset == 16
+    assert ctypes.sizeof(CxiRsrcUse) == 24 and CxiRsrcUse.in_use.offset == 8
     assert SVC_LIST_DESCS_OFFSET % ctypes.alignment(CxiSvcDesc) == 0
 
 
@@ -188,30 +204,20 @@ def struct_to_desc(raw: CxiSvcDesc) -> ServiceDesc:
     )
 
 
-def fail_info_text(fail: CxiSvcFailInfo, desc: ServiceDesc) -> str:
-    """What an allocation found available, e.g. "available: les=10, acs=0 (short: acs
-    reserves 16)", for the resources the request limits (all of them without limits)."""
-    if desc.resource_limits:
-        asked = [name for name in RESOURCES if name in desc.limits]
-    else:
-        asked = list(RESOURCES)
-    avail = {name: fail.rsrc_avail[RESOURCES.index(name)] for name in asked}
-    text = "available: " + ", ".join(f"{name}={count}" for name, count in avail.items())
-    short = [
-        f"{name} reserves {desc.limits[name].res}"
-        for name in asked
-        if name in desc.limits and desc.limits[name].res > avail[name]
-    ]
-    short += [
-        label
-        for label, flag in (
-            ("no LE pool left", fail.no_le_pools),
-            ("no TLE pool left", fail.no_tle_pools),
-            ("no counter pool left", fail.no_cntr_pools),
-        )
-        if flag
-    ]
-    return text + (f" (short: {', '.join(short)})" if short else "")
+def no_resources(device: str, fail: CxiSvcFailInfo, desc: ServiceDesc) -> NoResources:
+    """The -ENOSPC of cxil_alloc_svc as the driver's fail_info tells it."""
+    asked = dict(desc.limits) if desc.resource_limits else {}
+    avail = {name: fail.rsrc_avail[i] for i, name in enumerate(RESOURCES)}
+    return NoResources(device, asked, avail, bool(fail.no_le_pools), bool(fail.no_tle_pools),
+                       bool(fail.no_cntr_pools))
+
+
+def rsrc_use_counts(raw: CxiRsrcUse, svc_id: int) -> dict[str, int] | None:
+    """The in_use counts by resource name, or None when the answer names another service
+    (the driver leaves 0 there; anything else means another layout)."""
+    if raw.svc_id not in (0, svc_id):
+        return None
+    return {name: raw.in_use[i] for i, name in enumerate(RESOURCES)}
 
 
 def svc_list_descs(list_ptr: ctypes.c_void_p) -> list[CxiSvcDesc]:

@@ -109,6 +109,40 @@ class VniInUse(CxiError):
                          "driver gives a VNI to one service per NIC")
 
 
+class NoResources(CxiError):
+    """cxil_alloc_svc -ENOSPC, with what the driver's cxi_svc_fail_info says: the first
+    resource (in the driver's order) whose reservation exceeded what was free, and whether
+    no LE, TLE or counter pool was left. The driver checks the reservations in order and
+    stops at the first short one, so only that one's count means anything; it never checks
+    TLEs there (a TLE shortage shows as nothing named)."""
+
+    def __init__(self, device: str, asked: dict[str, Limit], avail: dict[str, int],
+                 no_le_pools: bool = False, no_tle_pools: bool = False,
+                 no_cntr_pools: bool = False):
+        self.asked = dict(asked)
+        self.avail = {name: avail.get(name, 0) for name in RESOURCES}  # 0: not counted
+        self.no_le_pools, self.no_tle_pools = no_le_pools, no_tle_pools
+        self.no_cntr_pools = no_cntr_pools
+        self.short = next((name for name in RESOURCES if name != "tles" and name in asked
+                           and asked[name].res > avail.get(name, 0)), None)
+        super().__init__("cxil_alloc_svc", device, errno_mod.ENOSPC, self.what())
+
+    def what(self) -> str:
+        """What ran out, in words: "les: reserves 160, 100 free; no TLE pool left"."""
+        said = []
+        if self.short:
+            said.append(f"{self.short}: reserves {self.asked[self.short].res}, "
+                        f"{self.avail.get(self.short, 0)} free")
+        said += [f"no {what} pool left" for what, flag in (
+            ("LE", self.no_le_pools), ("TLE", self.no_tle_pools), ("counter", self.no_cntr_pools))
+            if flag]
+        if not said:
+            tles = self.asked.get("tles", Limit(0, 0)).res
+            said.append("the driver names nothing short" + (
+                f" (it does not report TLEs; this service reserves {tles})" if tles else ""))
+        return "; ".join(said)
+
+
 class BackendUnavailable(Exception):
     """The backend cannot serve at all (library missing, symbol missing, no devices)."""
 
@@ -125,7 +159,8 @@ class LibraryInfo:
 
 class Device(Protocol):
     """An open CXI device. Every call is one driver call and is atomic on its own.
-    `list_services` fills each Service's netns_inode the way `stack` shows it."""
+    `list_services` fills each Service's netns_inode the way `stack` shows it (with
+    netns=False it leaves it 0, sparing the call stacks a call per service)."""
 
     name: str
     stack: object  # stacks.Stack
@@ -136,8 +171,25 @@ class Device(Protocol):
     def svc_set_netns(self, svc_id: int, netns_inode: int) -> None: ...
     def svc_get_netns(self, svc_id: int) -> int: ...
     def get_svc(self, svc_id: int) -> ServiceDesc: ...
-    def list_services(self) -> list[Service]: ...
+    def list_services(self, netns: bool = True) -> list[Service]: ...
     def close(self) -> None: ...
+
+    def totals(self) -> dict[str, int]:
+        """How many of each resource the device has (what a limit's max may reach)."""
+
+    def svc_rsrc_use(self, svc_id: int) -> dict[str, int] | None:
+        """cxil_get_svc_rsrc_use: how many of each resource the service's processes use
+        (0xFFFF for LEs or TLEs it has no pool of its own for); None when the library
+        has no such call (LIBCXI_1.5)."""
+
+    def svc_set_lpr(self, svc_id: int, lnis_per_rgid: int) -> None:
+        """cxil_set_svc_lpr (LIBCXI_1.8); BackendUnavailable when the library lacks it."""
+
+    def svc_get_lpr(self, svc_id: int) -> int | None:
+        """cxil_get_svc_lpr; None when the library has no such call."""
+
+    def rgids_avail(self) -> int | None:
+        """How many resource groups the device has left (sysfs rgids_avail), None if unknown."""
 
 
 class Backend(Protocol):

@@ -4,7 +4,14 @@ Devices are discovered through sysfs (`<root>/class/cxi/cxiN`); the root is `/sy
 unless the `CXI_CNI_SYSFS_ROOT` environment variable (a test and debug hook) or the
 constructor names another. The library is loaded only when a call needs it, so importing
 this module costs no more than ctypes. Which stack the node runs (stacks.py) follows from
-the library's symbols: cxil_svc_set_netns and cxil_svc_get_netns are declared when present.
+the library's symbols: cxil_svc_set_netns and cxil_svc_get_netns are declared when present,
+like the resource calls of older versions the plugin can do without (cxil_get_svc_rsrc_use,
+LIBCXI_1.5; cxil_set_svc_lpr and cxil_get_svc_lpr, LIBCXI_1.8).
+
+A device's resource totals are the driver's own numbers in sysfs
+(`device/properties/num_ptes` ... `num_acs`, the same as cxil_devinfo's num_* fields, whose
+struct has grown across libcxi releases), else the limits of the default service, which the
+driver sets to the totals (but TLEs: C_NUM_TLES, 2048, the Cassini count).
 """
 
 from __future__ import annotations
@@ -18,7 +25,15 @@ import sys
 from dataclasses import replace
 
 from cxi_cni.cxi import abi
-from cxi_cni.cxi.backend import BackendUnavailable, CxiError, LibraryInfo, Service, ServiceDesc
+from cxi_cni.cxi.backend import (
+    DEFAULT_SVC_ID,
+    RESOURCES,
+    BackendUnavailable,
+    CxiError,
+    LibraryInfo,
+    Service,
+    ServiceDesc,
+)
 from cxi_cni.cxi.stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
 
 SYSFS_ROOT_ENV = "CXI_CNI_SYSFS_ROOT"
@@ -31,6 +46,8 @@ _SYMBOL_VERSION = re.compile(rb"LIBCXI_(\d+)\.(\d+)\0")
 # and /usr/lib: not /usr/lib64, where RHEL and SLES packages install it).
 LIBCXI_DIRS = ("/usr/lib64", "/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/opt/cray/lib64")
 DRIVER_REV = "device/properties/driver_rev"  # under class/cxi/cxiN: the driver's git revision
+PROPERTIES = "device/properties"  # under class/cxi/cxiN: num_<resource>, rgids_avail
+CASSINI_TLES = 2048  # C_NUM_TLES
 _UINT32_MAX = 0xFFFFFFFF
 
 _dev_p = ctypes.c_void_p
@@ -59,7 +76,11 @@ _OPTIONAL_FUNCTIONS = {
     "cxil_svc_set_netns": (ctypes.c_int, [_dev_p, _uint, _uint]),
     "cxil_svc_get_netns": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(_uint)]),
     "cxil_svc_set_vni_range": (ctypes.c_int, [_dev_p, _uint, ctypes.c_uint16, ctypes.c_uint16]),
+    "cxil_get_svc_rsrc_use": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(abi.CxiRsrcUse)]),
+    "cxil_set_svc_lpr": (ctypes.c_int, [_dev_p, _uint, _uint]),
+    "cxil_get_svc_lpr": (ctypes.c_int, [_dev_p, _uint]),
 }
+LPR_NEEDED = "libcxi >= 1.8 / LIBCXI_1.8 needed to share resource groups between LNIs"
 
 
 class _DlInfo(ctypes.Structure):
@@ -163,9 +184,10 @@ def _u32(op: str, device: str, value: int, what: str) -> int:
 class LibcxiDevice:
     """An open CXI device (struct cxil_dev *) of libcxi."""
 
-    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, name: str, stack, lib_file: str):
+    def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, name: str, stack, lib_file: str,
+                 properties: str = ""):
         self._lib, self._handle, self.name = lib, handle, name
-        self.stack, self._lib_file = stack, lib_file
+        self.stack, self._lib_file, self._properties = stack, lib_file, properties
 
     def __enter__(self) -> LibcxiDevice:
         return self
@@ -190,8 +212,9 @@ class LibcxiDevice:
             raise CxiError("cxil_alloc_svc", self.name, errno.EINVAL, str(exc)) from None
         fail = abi.CxiSvcFailInfo()
         rc = self._lib.cxil_alloc_svc(self._dev(), ctypes.byref(raw), ctypes.byref(fail))
-        detail = abi.fail_info_text(fail, desc) if rc == -errno.ENOSPC else ""
-        return self._check("cxil_alloc_svc", rc, detail)
+        if rc == -errno.ENOSPC:
+            raise abi.no_resources(self.name, fail, desc)
+        return self._check("cxil_alloc_svc", rc)
 
     def destroy_svc(self, svc_id: int) -> None:
         svc_id = _u32("cxil_destroy_svc", self.name, svc_id, "service id")
@@ -246,7 +269,7 @@ class LibcxiDevice:
         self._check("cxil_get_svc", self._lib.cxil_get_svc(self._dev(), svc_id, ctypes.byref(raw)))
         return abi.struct_to_desc(raw)
 
-    def list_services(self) -> list[Service]:
+    def list_services(self, netns: bool = True) -> list[Service]:
         list_ptr = ctypes.c_void_p()
         self._check("cxil_get_svc_list", self._lib.cxil_get_svc_list(self._dev(), ctypes.byref(list_ptr)))
         try:
@@ -256,9 +279,50 @@ class LibcxiDevice:
         services = []
         for raw in raws:
             desc = abi.struct_to_desc(raw)
-            inode = self.stack.listed_netns(desc, self._listed_netns)
+            inode = self.stack.listed_netns(desc, self._listed_netns) if netns else 0
             services.append(Service(device=self.name, desc=desc, netns_inode=inode))
         return sorted(services, key=lambda service: service.svc_id)
+
+    def _property(self, name: str) -> int | None:
+        try:
+            with open(os.path.join(self._properties, name)) as fh:
+                return int(fh.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def totals(self) -> dict[str, int]:
+        found = {name: self._property(f"num_{name}") for name in RESOURCES}
+        if None in found.values():
+            default = self.get_svc(DEFAULT_SVC_ID).limits
+            for name, value in found.items():
+                if value is None:
+                    found[name] = (CASSINI_TLES if name == "tles" or name not in default
+                                   else default[name].max)
+        return found
+
+    def rgids_avail(self) -> int | None:
+        return self._property("rgids_avail")
+
+    def svc_rsrc_use(self, svc_id: int) -> dict[str, int] | None:
+        if not hasattr(self._lib, "cxil_get_svc_rsrc_use"):
+            return None
+        svc_id = _u32("cxil_get_svc_rsrc_use", self.name, svc_id, "service id")
+        raw = abi.CxiRsrcUse()
+        self._check("cxil_get_svc_rsrc_use",
+                    self._lib.cxil_get_svc_rsrc_use(self._dev(), svc_id, ctypes.byref(raw)))
+        return abi.rsrc_use_counts(raw, svc_id)
+
+    def svc_set_lpr(self, svc_id: int, lnis_per_rgid: int) -> None:
+        if not hasattr(self._lib, "cxil_set_svc_lpr"):
+            raise BackendUnavailable(f"{self._lib_file} has no cxil_set_svc_lpr ({LPR_NEEDED})")
+        svc_id = _u32("cxil_set_svc_lpr", self.name, svc_id, "service id")
+        self._check("cxil_set_svc_lpr", self._lib.cxil_set_svc_lpr(self._dev(), svc_id, lnis_per_rgid))
+
+    def svc_get_lpr(self, svc_id: int) -> int | None:
+        if not hasattr(self._lib, "cxil_get_svc_lpr"):
+            return None
+        svc_id = _u32("cxil_get_svc_lpr", self.name, svc_id, "service id")
+        return self._check("cxil_get_svc_lpr", self._lib.cxil_get_svc_lpr(self._dev(), svc_id))
 
     def close(self) -> None:
         if self._handle is not None:
@@ -356,4 +420,5 @@ class LibcxiBackend(ResolvesStack):
                 f"{self.lib_path} opened {opened_name!r} when asked for {name}: "
                 "sysfs and the library number devices differently"
             )
-        return LibcxiDevice(lib, handle, name, stack, self.library().file)
+        return LibcxiDevice(lib, handle, name, stack, self.library().file,
+                            os.path.join(self._class_dir("cxi"), name, PROPERTIES))

@@ -1,6 +1,6 @@
 """Per-namespace CXI services: bind one on each device the way the node's stack does it
-(stacks.py), undo it whole on failure, verify it, and destroy it again (retrying while an
-LNI holds it)."""
+(stacks.py), with the limits its shape gives on that device (shape.py), undo it whole on
+failure, verify it, and destroy it again (retrying while an LNI holds it)."""
 
 from __future__ import annotations
 
@@ -15,16 +15,31 @@ from .backend import (
     MEMBER_IGNORE,
     MEMBER_NET_NS,
     Backend,
+    BackendUnavailable,
     CxiError,
     Limit,
     Service,
     ServiceDesc,
 )
+from .shape import Shape, headroom
 
 log = logging.getLogger("cxi_cni.services")
 
-# Back-off while a destroy answers -EBUSY (a process still holds an LNI): ~1.5 s in all.
-BUSY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+@dataclass(frozen=True)
+class Retry:
+    """How a destroy answered -EBUSY (a process still holds an LNI) is tried again: `times`
+    more, `delay` seconds apart, all of one call's retries within `times * delay` seconds.
+    Slurm's switch plugin tries 5 times, 1 s apart (destroy_retries)."""
+
+    times: int = 5
+    delay: float = 1.0
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.times * self.delay
+
+
+NO_RETRY = Retry(0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -37,14 +52,31 @@ class Binding:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """What every service of one attachment must grant."""
+    """What every service of one attachment must grant: VNIs, TCs, and the shape its
+    limits take on each device (None: no resource limits, the driver's defaults)."""
 
     vnis: tuple[int, ...]
     tcs: frozenset[str] = frozenset()
-    limits: tuple[tuple[str, Limit], ...] = ()
+    shape: Shape | None = None
 
-    def desc(self) -> ServiceDesc:
-        return ServiceDesc.for_netns(self.vnis, self.tcs, dict(self.limits))
+    def limits_on(self, dev) -> dict[str, Limit] | None:
+        """The limits of this attachment's service on `dev`: its shape within what the
+        device leaves (its totals, less what system services hold when the shape adjusts)."""
+        if self.shape is None:
+            return None
+        return self.shape.limits(device_headroom(dev, self.shape.adjust))
+
+    def desc(self, limits: dict[str, Limit] | None = None) -> ServiceDesc:
+        return ServiceDesc.for_netns(self.vnis, self.tcs, limits)
+
+
+def device_headroom(dev, adjust: bool) -> dict[str, int]:
+    """The most a service may be given on `dev` (shape.headroom over its system services)."""
+    system = []
+    if adjust:
+        system = [(svc, dev.svc_rsrc_use(svc.svc_id)) for svc in dev.list_services(netns=False)
+                  if svc.desc.is_system_svc]
+    return headroom(dev.totals(), system, adjust)
 
 
 def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: ServiceSpec,
@@ -52,33 +84,54 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
                step: Callable[[str], None] = lambda name: None) -> list[Binding]:
     """On each device: alloc and bind the way the backend's stack does it (the call stacks:
     alloc, disable, set netns, enable; the member stack: alloc with the namespace as its
-    member). On any failure destroy everything made here.
+    member), with the limits the spec's shape gives there and, when the pod's CPUs need
+    it, resource groups shared by several LNIs. On any failure destroy everything made here.
 
     `on_made(None, device)` is called before each alloc and `on_made(binding, device)`
     after it, so the caller can record the intent and then the id (a crash in between
     leaves a service that `destroy_orphans` recognises)."""
     made: list[Binding] = []
+    devices = list(devices)
     try:
         for index, name in enumerate(devices):
             dev = backend.open(name)
             try:
+                desc = spec.desc(spec.limits_on(dev))
                 on_made(None, name)
-                svc_id = dev.stack.alloc(dev, spec.desc(), inode)
+                svc_id = dev.stack.alloc(dev, desc, inode)
                 made.append(Binding(name, svc_id))
                 step(f"after-alloc-{index}")
                 on_made(made[-1], name)
+                share_rgids(dev, svc_id, spec.shape, len(devices))
                 dev.stack.bind(dev, svc_id, inode)
                 step(f"after-bind-{index}")
                 dev.stack.enable(dev, svc_id)
             finally:
                 dev.close()
     except BaseException:
-        leftovers = destroy(backend, made, inode, busy_delays=())
+        leftovers = destroy(backend, made, inode, NO_RETRY)
         for binding, exc in leftovers:
             log.error("rollback could not destroy service %s on %s: %s",
                       binding.svc_id, binding.device, exc)
         raise
     return made
+
+
+def share_rgids(dev, svc_id: int, shape: Shape | None, devices: int) -> None:
+    """cxil_set_svc_lpr when the pod's LNIs need more than one per resource group (as Slurm
+    does for steps with more tasks than a NIC has groups left), before anyone uses it. A
+    library without the call is said when the number was configured, logged when computed."""
+    if shape is None:
+        return
+    lpr = shape.lnis_per_rgid_for(dev.rgids_avail(), devices)
+    if lpr <= 1:
+        return
+    try:
+        dev.svc_set_lpr(svc_id, lpr)
+    except BackendUnavailable as exc:
+        if shape.lnis_per_rgid is not None:
+            raise
+        log.warning("%s LNIs per resource group needed on %s, not set: %s", lpr, dev.name, exc)
 
 
 def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], None]) -> list[Service]:
@@ -120,21 +173,24 @@ def destroy_if_bound(dev, svc_id: int, inode: int) -> bool:
 
 
 def destroy(backend: Backend, bindings: Iterable[Binding], inode: int,
-            busy_delays=BUSY_DELAYS) -> list[tuple[Binding, Exception]]:
-    """Destroy recorded services; returns the ones that could not be destroyed.
+            retry: Retry = Retry()) -> list[tuple[Binding, Exception]]:
+    """Destroy recorded services; returns the ones that could not be destroyed. A service
+    still used by an LNI is tried again as `retry` says, all of them within one deadline.
 
     A service that is gone (-EINVAL), or that is now bound to another namespace (its id
     was reused), is not ours any more and counts as destroyed."""
     failures = []
+    deadline = retry.deadline()
     for binding in bindings:
         try:
-            destroy_one(backend, binding, inode, busy_delays)
+            destroy_one(backend, binding, inode, retry, deadline)
         except (CxiError, OSError) as exc:
             failures.append((binding, exc))
     return failures
 
 
-def destroy_one(backend: Backend, binding: Binding, inode: int, busy_delays) -> None:
+def destroy_one(backend: Backend, binding: Binding, inode: int, retry: Retry,
+                deadline: float) -> None:
     try:
         dev = backend.open(binding.device)
     except CxiError as exc:
@@ -153,16 +209,19 @@ def destroy_one(backend: Backend, binding: Binding, inode: int, busy_delays) -> 
             log.warning("service %s on %s is bound to netns inode %s, not %s: its id was "
                         "reused, leaving it", binding.svc_id, binding.device, bound, inode)
             return
-        for delay in (*busy_delays, None):
+        for attempt in range(retry.times + 1):
             try:
                 dev.destroy_svc(binding.svc_id)
                 return
             except CxiError as exc:
                 if exc.errno == errno.EINVAL:
                     return
-                if exc.errno != errno.EBUSY or delay is None:
+                wait = min(retry.delay, deadline - time.monotonic())
+                if exc.errno != errno.EBUSY or attempt == retry.times or wait <= 0:
                     raise
-                time.sleep(delay)
+                log.info("service %s on %s is in use by an LNI; destroy again in %.1f s",
+                         binding.svc_id, binding.device, wait)
+                time.sleep(wait)
     finally:
         dev.close()
 

@@ -8,7 +8,16 @@ The state's "stack" says which software stack the simulation is (EMULATED): its 
 calls and its driver's rules. shs-14.0.1 (the default) and shs-14.0.0 have the netns calls,
 and 14.0.0 refuses a VNI another service holds; netns-member has no netns calls and takes a
 NET_NS member at alloc; shs-13 has neither (a node that cannot bind services at all).
-Rules that later features add (pools, fail_info, lpr) belong in SimDevice's checks too.
+
+Resources follow the driver (cass_svc.c reserve_rsrcs, cass_rgroup.c): a service without
+resource limits gets the device's totals as its limits; a service other than the default
+one that limits TLEs at all reserves at least 8 with max = res, and takes one of the NIC's 4
+TLE pools (the default service holds one, reserving 512 TLEs); a service reserving LEs takes
+one of the 15 LE pools left beside the shared pool 0 (before SHS 14.0.1, any service that
+limits LEs does). Reservations are checked in the driver's order, stopping at the first one
+short, and cxil_alloc_svc's fail_info says what the driver says. A service also keeps its
+LNIs per resource group (cxil_set_svc_lpr, refused while an LNI uses it) and what its
+processes use (cxil_get_svc_rsrc_use; tests set it, as they set `busy`).
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ from .backend import (
     LibraryInfo,
     Limit,
     Member,
+    NoResources,
     Service,
     ServiceDesc,
 )
+from .shape import LE_POOLS, MAX_LNIS_PER_RGID, NOT_APPLICABLE, TLE_MIN, TLE_POOLS
 from .stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
 
 STATE_VERSION = 1
@@ -50,10 +61,12 @@ class Emulated:
     netns_calls: bool  # the library has cxil_svc_set_netns / cxil_svc_get_netns
     unique_vnis: bool  # alloc is -EEXIST when another service holds one of the VNIs
     member_types: int  # member types the driver accepts: 3 without NET_NS, 4 with
+    le_pool_per_service: bool = True  # any LE limit takes an LE pool (before 14.0.1)
 
 
 EMULATED = {
-    "shs-14.0.1": Emulated(netns_calls=True, unique_vnis=False, member_types=4),
+    "shs-14.0.1": Emulated(netns_calls=True, unique_vnis=False, member_types=4,
+                           le_pool_per_service=False),
     "shs-14.0.0": Emulated(netns_calls=True, unique_vnis=True, member_types=4),
     "netns-member": Emulated(netns_calls=False, unique_vnis=False, member_types=4),
     "shs-13": Emulated(netns_calls=False, unique_vnis=False, member_types=3),
@@ -61,6 +74,8 @@ EMULATED = {
 
 # Resource totals of one simulated NIC, in the order of backend.RESOURCES.
 DEFAULT_TOTALS = dict(zip(RESOURCES, (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022), strict=True))
+DEFAULT_SVC_TLES = 512  # the driver's default_svc_num_tles
+RGIDS = 255  # resource groups a device has left with no LNI (sysfs rgids_avail)
 
 
 def default_state(stack: str = DEFAULT_STACK) -> dict:
@@ -79,14 +94,26 @@ def emulated(state: dict) -> Emulated:
 
 
 def new_device(netdev: str, pci: str, vf: bool = False, totals: dict | None = None) -> dict:
-    default_svc = desc_to_json(ServiceDesc(svc_id=DEFAULT_SVC_ID, enable=True, is_system_svc=True))
+    totals = dict(totals or DEFAULT_TOTALS)
     return {
         "netdev": netdev,
         "pci": pci,
         "vf": vf,
-        "totals": dict(totals or DEFAULT_TOTALS),
-        "services": {str(DEFAULT_SVC_ID): {"desc": default_svc, "netns": 0, "busy": 0}},
+        "totals": totals,
+        "rgids_avail": RGIDS,
+        "services": {str(DEFAULT_SVC_ID): {"desc": desc_to_json(default_service(totals)),
+                                           "netns": 0, "busy": 0}},
     }
+
+
+def default_service(totals: dict) -> ServiceDesc:
+    """As the driver makes it: VNIs 1 and 10, TCs but Ethernet, limited to the device's
+    totals but TLEs, of which it reserves 512 (and TLE pool 0), disabled."""
+    limits = {name: Limit(total, 0) for name, total in totals.items()}
+    limits["tles"] = Limit(DEFAULT_SVC_TLES, DEFAULT_SVC_TLES)
+    return ServiceDesc(svc_id=DEFAULT_SVC_ID, restricted_vnis=True, vnis=(1, 10),
+                       restricted_tcs=True, tcs=frozenset(TRAFFIC_CLASSES[:4]),
+                       resource_limits=True, limits=limits)
 
 
 def desc_to_json(desc: ServiceDesc) -> dict:
@@ -120,8 +147,24 @@ def desc_from_json(data: dict) -> ServiceDesc:
         vnis=tuple(data["vnis"]),
         tcs=frozenset(data["tcs"]),
         members=(members[0], members[1]),
-        limits={name: Limit(mx, res) for name, (mx, res) in data["limits"].items()},
+        limits={name: Limit(mx, res) for name, (mx, res) in data["limits"].items()
+                if (mx or res) and data["resource_limits"]},
     )
+
+
+def effective_limits(desc: ServiceDesc, totals: dict, default: bool) -> dict[str, list[int]]:
+    """The limits the driver keeps for a service (cass_svc.c reserve_rsrcs): its own, or the
+    device's totals without resource limits; TLEs, when limited at all, reserved as their
+    max and at least TLE_MIN (but for the default service)."""
+    if desc.resource_limits:
+        limits = {name: [desc.limits.get(name, Limit(0, 0)).max, desc.limits.get(name, Limit(0, 0)).res]
+                  for name in RESOURCES}
+    else:
+        limits = {name: [totals[name], 0] for name in RESOURCES}
+    tles = limits["tles"]
+    if not default and (tles[0] or tles[1]):
+        limits["tles"] = [max(tles[1], TLE_MIN)] * 2
+    return limits
 
 
 class SimState:
@@ -208,11 +251,13 @@ class SimDevice:
             self._validate(op, device, desc, rules)
             if rules.unique_vnis and desc.restricted_vnis:
                 self._refuse_held_vnis(op, device, desc.vnis)
+            limits = self._reserve(op, device, desc, rules)
             used = {int(i) for i in device["services"]}
             svc_id = next(i for i in range(DEFAULT_SVC_ID + 1, len(used) + 3) if i not in used)
             stored = desc_to_json(desc)
             stored["svc_id"] = svc_id
             stored["enable"] = bool(desc.enable and desc.restricted_vnis)
+            stored["limits"] = limits
             device["services"][str(svc_id)] = {"desc": stored, "netns": 0, "busy": 0}
             return svc_id
 
@@ -231,26 +276,50 @@ class SimDevice:
         if desc.restricted_tcs and not desc.tcs <= set(TRAFFIC_CLASSES):
             raise invalid(f"unknown traffic class {sorted(desc.tcs - set(TRAFFIC_CLASSES))[0]}")
         if desc.resource_limits:
-            self._check_limits(op, device, desc.limits)
+            for name, lim in desc.limits.items():
+                if name not in device["totals"]:
+                    raise invalid(f"unknown resource {name}")
+                if not 0 <= lim.res <= lim.max <= device["totals"][name]:
+                    raise invalid(f"{name}: needs res <= max <= {device['totals'][name]} "
+                                  f"(device total), got max={lim.max} res={lim.res}")
 
-    def _check_limits(self, op: str, device: dict, limits: dict[str, Limit]) -> None:
-        totals = device["totals"]
-        for name, lim in limits.items():
-            if name not in totals:
-                raise CxiError(op, self.name, errno.EINVAL, f"unknown resource {name}")
-            if not 0 <= lim.res <= lim.max <= totals[name]:
-                raise CxiError(op, self.name, errno.EINVAL,
-                               f"{name}: needs res <= max <= {totals[name]} (device total), "
-                               f"got max={lim.max} res={lim.res}")
-        reserved = dict.fromkeys(totals, 0)
-        for svc in device["services"].values():
-            for name, (_, res) in svc["desc"]["limits"].items():
-                reserved[name] += res if svc["desc"]["resource_limits"] else 0
-        short = {n: totals[n] - reserved[n] for n, lim in limits.items()
-                 if reserved[n] + lim.res > totals[n]}
-        if short:
-            avail = ", ".join(f"{n}={v}" for n, v in short.items())
-            raise CxiError(op, self.name, errno.ENOSPC, f"available: {avail}")
+    def _reserve(self, op: str, device: dict, desc: ServiceDesc, rules: Emulated) -> dict:
+        """The driver's reserve_rsrcs: the reservations, in order, out of what no service
+        reserves (TLEs not checked here), then the LE and TLE pools and the TLEs. The
+        limits to keep, or NoResources with the fail_info the driver fills."""
+        totals, services = device["totals"], device["services"].values()
+        limits = effective_limits(desc, totals, default=False)
+        free = {name: total - sum(svc["desc"]["limits"].get(name, [0, 0])[1] for svc in services)
+                for name, total in totals.items()}
+        asked = {name: Limit(*lim) for name, lim in limits.items()} if desc.resource_limits else {}
+        avail = {}
+
+        def short(**flags):
+            return NoResources(self.name, asked, avail, **flags)
+
+        for name in RESOURCES:
+            if name == "tles" or limits[name] == [0, 0]:
+                continue
+            avail[name] = max(0, free[name])
+            if limits[name][1] > avail[name]:
+                raise short()
+        les, tles = limits["les"], limits["tles"]
+        if les[1] or (rules.le_pool_per_service and les[0]):
+            if not sum(1 for sid, svc in device["services"].items() if sid != str(DEFAULT_SVC_ID)
+                       and self._holds_le_pool(svc, rules)) < LE_POOLS - 1:
+                raise short(no_le_pools=True)
+        if tles != [0, 0]:
+            if tles[1] > free["tles"]:
+                raise short()
+            if not sum(1 for svc in services if svc["desc"]["limits"].get("tles", [0, 0]) != [0, 0]
+                       ) < TLE_POOLS:
+                raise short(no_tle_pools=True)
+        return limits
+
+    @staticmethod
+    def _holds_le_pool(svc: dict, rules: Emulated) -> bool:
+        mx, res = svc["desc"]["limits"].get("les", [0, 0])
+        return bool(res) or (rules.le_pool_per_service and bool(mx))
 
     def _refuse_held_vnis(self, op: str, device: dict, vnis) -> None:
         for svc in device["services"].values():
@@ -299,12 +368,52 @@ class SimDevice:
         with self._device(op, write=False) as (device, _):
             return desc_from_json(self._service(device, op, svc_id)["desc"])
 
-    def list_services(self) -> list[Service]:
+    def list_services(self, netns: bool = True) -> list[Service]:
         with self._device("cxil_get_svc_list", write=False) as (device, _):
-            netns = {int(sid): svc["netns"] for sid, svc in device["services"].items()}
+            bound = {int(sid): svc["netns"] for sid, svc in device["services"].items()}
             services = [desc_from_json(svc["desc"]) for svc in device["services"].values()]
-        return [Service(self.name, desc, self.stack.listed_netns(desc, netns.__getitem__))
+        return [Service(self.name, desc, self.stack.listed_netns(desc, bound.__getitem__) if netns else 0)
                 for desc in services]
+
+    def totals(self) -> dict[str, int]:
+        with self._device("totals", write=False) as (device, _):
+            return dict(device["totals"])
+
+    def rgids_avail(self) -> int | None:
+        with self._device("rgids_avail", write=False) as (device, _):
+            return device.get("rgids_avail", RGIDS)
+
+    def svc_rsrc_use(self, svc_id: int) -> dict[str, int] | None:
+        """What the service's processes use; for LEs and TLEs only where it has a pool of its
+        own (or is the default service), NOT_APPLICABLE otherwise, as the driver says."""
+        op = "cxil_get_svc_rsrc_use"
+        with self._device(op, write=False) as (device, rules):
+            svc = self._service(device, op, svc_id)
+            use = {name: svc.get("in_use", {}).get(name, 0) for name in RESOURCES}
+            if svc_id != DEFAULT_SVC_ID:
+                if not svc["desc"]["limits"].get("les", [0, 0])[1]:
+                    use["les"] = NOT_APPLICABLE
+                if not svc["desc"]["limits"].get("tles", [0, 0])[1]:
+                    use["tles"] = NOT_APPLICABLE
+            return use
+
+    def svc_set_lpr(self, svc_id: int, lnis_per_rgid: int) -> None:
+        op = "cxil_set_svc_lpr"
+        with self._device(op) as (device, _):
+            if device["vf"]:
+                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
+            if not 0 <= lnis_per_rgid <= MAX_LNIS_PER_RGID:
+                raise CxiError(op, self.name, errno.EINVAL,
+                               f"{lnis_per_rgid} LNIs per resource group, the most is {MAX_LNIS_PER_RGID}")
+            svc = self._service(device, op, svc_id)
+            if svc["busy"]:
+                raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
+            svc["lpr"] = lnis_per_rgid
+
+    def svc_get_lpr(self, svc_id: int) -> int | None:
+        op = "cxil_get_svc_lpr"
+        with self._device(op, write=False) as (device, _):
+            return self._service(device, op, svc_id).get("lpr", 1)
 
     def close(self) -> None:
         pass

@@ -8,6 +8,9 @@ driver what it allows.
 | shs-14.0.0 | the same | the same | a VNI belongs to one service per NIC (alloc -EEXIST) |
 | netns-member | member NET_NS (3) holding the inode, given to cxil_alloc_svc | the members | none |
 
+On drivers before 14.0.1 (so on 14.0.0 and, as far as known, the research patches) every
+service that limits LEs at all takes one of the NIC's LE pools (`le_pool_per_service`).
+
 `auto` takes the call stacks when the library has cxil_svc_set_netns and cxil_svc_get_netns
 (LIBCXI_1.10) and the member stack (the research patches) otherwise. Whether a call-stack
 driver has the 14.0.0 rule shows when it refuses a shared VNI, or in `probe_shared_vni`.
@@ -26,6 +29,7 @@ from .backend import (
     BackendUnavailable,
     CxiError,
     LibraryInfo,
+    Limit,
     Member,
     ServiceDesc,
     VniInUse,
@@ -37,6 +41,9 @@ CHOICES = (AUTO, "shs-14.0.1", "shs-14.0.0", "netns-member")
 NEVER_A_NETNS = 1
 # VNIs the probes try, from the top of the range down, skipping those in use.
 PROBE_VNIS = range(65534, 65500, -1)
+# The probes' services reserve nothing and take no LE or TLE pool (a service without
+# limits would take a TLE pool, of which a NIC has 4), so a full NIC can still be probed.
+PROBE_LIMITS = {"txqs": Limit(1, 0)}
 SET_NETNS_NEEDED = "libcxi >= 1.10 / LIBCXI_1.10 needed to bind a service to a network namespace"
 
 
@@ -55,6 +62,9 @@ class Stack:
     chosen_by: str = ""
     netns_calls: bool = True  # binds with cxil_svc_set_netns and shows with cxil_svc_get_netns
     unique_vnis: bool | None = False  # None: not known (auto on a call stack)
+    # Every service that limits LEs takes an LE pool, not only one reserving them (drivers
+    # before 14.0.1, shs-cxi-driver d54e468); None: not known.
+    le_pool_per_service: bool | None = False
 
     def alloc(self, dev, desc: ServiceDesc, inode: int) -> int:
         """cxil_alloc_svc for a service that will belong to namespace `inode`. VniInUse when
@@ -147,12 +157,12 @@ def make(name: str, chosen_by: str) -> Stack:
     if name == "shs-14.0.0":
         return Stack(name, "HPE SHS 14.0.0", "Two pods of one job cannot "
                      f"share a NIC: the driver gives a VNI to one service per NIC; {UPGRADE}",
-                     chosen_by, unique_vnis=True)
+                     chosen_by, unique_vnis=True, le_pool_per_service=True)
     if name == "netns-member":
         return MemberStack(name, "the research patches: a NET_NS service member",
                            "Services are bound at alloc through their member; libfabric "
                            "finds them only with the research patch to libfabric, else "
-                           "through `cxi env`", chosen_by)
+                           "through `cxi env`", chosen_by, le_pool_per_service=True)
     raise ValueError(f"unknown CXI stack {name!r}")
 
 
@@ -164,7 +174,8 @@ def resolve(choice: str, library: LibraryInfo) -> Stack:
             return Stack("netns-call", "HPE SHS 14.0.0 or later (cxil_svc_set_netns)",
                          "Whether two pods of one job can share a NIC depends on the driver: "
                          "14.0.0 refuses, 14.0.1 allows (cxi doctor probes it)",
-                         f"{library.file} has cxil_svc_set_netns", unique_vnis=None)
+                         f"{library.file} has cxil_svc_set_netns", unique_vnis=None,
+                         le_pool_per_service=None)
         return make("netns-member", f"{library.file} has no cxil_svc_set_netns")
     stack = make(choice, f"cxi.stack is {choice!r}")
     if stack.netns_calls and not library.netns_calls:
@@ -265,12 +276,17 @@ def _probe_services(dev, make_descs: Callable[[int], list[ServiceDesc]],
     return Probe(None, "not probed: no free VNI to probe with")
 
 
+def probe_desc(vni: int) -> ServiceDesc:
+    """A service nobody can use (restricted to no member), on `vni`, holding nothing."""
+    return ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True,
+                       resource_limits=True, limits=dict(PROBE_LIMITS))
+
+
 def probe_shared_vni(dev) -> Probe:
     """Whether the driver lets two services hold the same VNI (SHS 14.0.1) or not (14.0.0):
     two member-less services (nobody can use them) on an unused VNI, destroyed again."""
     def descs(vni):
-        desc = ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True)
-        return [desc, desc]
+        return [probe_desc(vni), probe_desc(vni)]
     return _probe_services(dev, descs, (1, errno.EEXIST))
 
 
@@ -282,15 +298,13 @@ def probe_set_netns(dev) -> Probe:
         dev.svc_enable(svc_id, False)
         dev.svc_set_netns(svc_id, NEVER_A_NETNS)
 
-    def descs(vni):
-        return [ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True)]
-    return _probe_services(dev, descs, (1, errno.EINVAL), bind)
+    return _probe_services(dev, lambda vni: [probe_desc(vni)], (1, errno.EINVAL), bind)
 
 
 def probe_member_netns(dev) -> Probe:
     """Whether the driver accepts a NET_NS member at alloc (the research patches): one
     service whose member is a namespace nobody has, destroyed again."""
     def descs(vni):
-        return [ServiceDesc(restricted_members=True, restricted_vnis=True, vnis=(vni,), enable=True,
-                            members=(Member(NEVER_A_NETNS, MEMBER_NET_NS), Member(0, MEMBER_IGNORE)))]
+        return [replace(probe_desc(vni), members=(Member(NEVER_A_NETNS, MEMBER_NET_NS),
+                                                  Member(0, MEMBER_IGNORE)))]
     return _probe_services(dev, descs, (0, errno.EINVAL))

@@ -7,12 +7,22 @@
  * struct cxi_svc_desc is 68 bytes, alignment 4. The service rules follow the driver:
  * VNI checks, res <= max <= device total, member types, -EINVAL/-EBUSY/-EEXIST/-EPERM.
  *
+ * Resources follow the driver's reserve_rsrcs (cass_svc.c) and rgroup pools
+ * (cass_rgroup.c): a service without resource limits gets the device totals as limits; a
+ * service other than the default one limiting TLEs at all reserves max = res >= 8 TLEs
+ * and takes one of 4 TLE pools (the default service holds one); a service reserving LEs
+ * (before 14.0.1: limiting them at all) takes one of the 15 LE pools beside the shared
+ * pool 0. Reservations are checked in order, TLEs aside, stopping at the first short one;
+ * fail_info says what the driver says. The limits kept are the ones the driver keeps.
+ *
  * State file: path in $FAKE_LIBCXI_STATE, locked with flock() for each call. Lines:
  *   driver <stack>
  *   dev <dev_id> <is_vf> <8 comma-separated resource totals>
- *   svc <dev_id> <svc_id> <busy> <netns_inode> <vni_min> <vni_max> <136 hex digits>
- * busy > 0 means an LNI still uses the service (tests set it to provoke -EBUSY); the
- * hex digits are the 68 raw bytes of the stored struct cxi_svc_desc. A device is added
+ *   svc <dev_id> <svc_id> <busy> <netns_inode> <vni_min> <vni_max> <lpr> <8 comma-separated
+ *       in_use counts> <136 hex digits>
+ * busy > 0 means an LNI still uses the service (tests set it to provoke -EBUSY); lpr is
+ * its LNIs per resource group, in_use what its processes use (tests set it); the hex
+ * digits are the 68 raw bytes of the stored struct cxi_svc_desc. A device is added
  * with a default service 1 the first time it is opened. Like the driver, a new service
  * gets the lowest free id, so ids of destroyed services are reused.
  *
@@ -21,8 +31,8 @@
  *   shs-14.0.0    the same, but alloc is -EEXIST when another service holds one of the VNIs
  *   netns-member  the research patches: member type NET_NS at alloc, no netns ops
  *   shs-13        neither: member types up to GID, no netns ops
- * A driver without the netns ops answers them -EINVAL, as for an unknown op. Rules that
- * later features add (pools, fail_info, lpr) belong in struct driver and validate_desc.
+ * A driver without the netns ops answers them -EINVAL, as for an unknown op. Every driver
+ * but shs-14.0.1 gives an LE pool to each service that limits LEs (le_pool_per_service).
  *
  * With $FAKE_LIBCXI_DEV_DIR set, cxil_open_device opens <dir>/cxiN read-write first and
  * fails with its errno, as libcxi fails when /dev/cxiN is missing or not permitted.
@@ -50,6 +60,11 @@
 #define MAX_SVCS 1024
 #define DEFAULT_SVC_ID 1
 #define DESC_HEX_LEN (2 * 68)
+#define LE_POOLS 16	  /* per NIC; pool 0 is shared, never a service's own */
+#define TLE_POOLS 4	  /* per NIC; the default service holds one */
+#define TLE_MIN 8	  /* CASS_MIN_POOL_TLES */
+#define MAX_LPR 8	  /* C_NUM_LACS */
+#define NOT_APPLICABLE 0xFFFF
 #define EXPORT __attribute__((visibility("default")))
 
 enum member_type { MEMBER_IGNORE, MEMBER_UID, MEMBER_GID, MEMBER_NET_NS, MEMBER_MAX };
@@ -96,6 +111,12 @@ struct cxil_svc_list {
 	struct cxi_svc_desc descs[];
 };
 
+struct cxi_rsrc_use {
+	unsigned int svc_id;
+	unsigned int tle_pool_id;
+	uint16_t in_use[NUM_RSRCS];
+};
+
 /* Only the two stable fields of struct cxil_devinfo are modelled. */
 struct cxil_dev {
 	uint32_t dev_id;
@@ -114,6 +135,8 @@ _Static_assert(sizeof(struct svc_member) == 8, "member size");
 _Static_assert(offsetof(struct cxi_svc_desc, limits) == 32, "limits");
 _Static_assert(offsetof(struct cxi_svc_desc, svc_id) == 64, "svc_id");
 _Static_assert(sizeof(struct cxi_svc_fail_info) == 20, "cxi_svc_fail_info size");
+_Static_assert(sizeof(struct cxi_rsrc_use) == 24, "cxi_rsrc_use size");
+_Static_assert(offsetof(struct cxi_rsrc_use, in_use) == 8, "cxi_rsrc_use in_use");
 _Static_assert(offsetof(struct cxil_svc_list, descs) == 4, "svc list descs");
 _Static_assert(offsetof(struct cxil_dev, device_name) == 28, "device_name");
 
@@ -131,21 +154,24 @@ struct fake_svc {
 	unsigned int busy;
 	unsigned int netns;
 	unsigned int vni_min, vni_max;
+	unsigned int lpr;
+	uint16_t in_use[NUM_RSRCS];
 	struct cxi_svc_desc desc;
 };
 
 struct driver {
 	char name[32];
-	bool netns_ops;   /* SVC_SET_NETNS and SVC_GET_NETNS exist */
-	bool unique_vnis; /* a VNI belongs to one service per device */
-	int member_max;   /* member types below this are accepted */
+	bool netns_ops;		  /* SVC_SET_NETNS and SVC_GET_NETNS exist */
+	bool unique_vnis;	  /* a VNI belongs to one service per device */
+	int member_max;		  /* member types below this are accepted */
+	bool le_pool_per_service; /* any LE limit takes an LE pool (before 14.0.1) */
 };
 
 static const struct driver drivers[] = {
-	{"shs-14.0.1", true, false, MEMBER_MAX},
-	{"shs-14.0.0", true, true, MEMBER_MAX},
-	{"netns-member", false, false, MEMBER_MAX},
-	{"shs-13", false, false, MEMBER_NET_NS},
+	{"shs-14.0.1", true, false, MEMBER_MAX, false},
+	{"shs-14.0.0", true, true, MEMBER_MAX, true},
+	{"netns-member", false, false, MEMBER_MAX, true},
+	{"shs-13", false, false, MEMBER_NET_NS, true},
 };
 
 struct state {
@@ -199,8 +225,10 @@ static int parse_line(struct state *st, char *line)
 		st->devs[st->ndevs++] = d;
 		return 0;
 	}
-	if (sscanf(line, "svc %u %u %u %u %u %u %137s", &s.dev_id, &svc_id, &s.busy, &s.netns,
-		   &s.vni_min, &s.vni_max, hex) == 7 &&
+	if (sscanf(line, "svc %u %u %u %u %u %u %u %hu,%hu,%hu,%hu,%hu,%hu,%hu,%hu %137s",
+		   &s.dev_id, &svc_id, &s.busy, &s.netns, &s.vni_min, &s.vni_max, &s.lpr,
+		   &s.in_use[0], &s.in_use[1], &s.in_use[2], &s.in_use[3], &s.in_use[4],
+		   &s.in_use[5], &s.in_use[6], &s.in_use[7], hex) == 16 &&
 	    strlen(hex) == DESC_HEX_LEN) {
 		for (int i = 0; i < (int)sizeof(s.desc); i++) {
 			int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
@@ -280,8 +308,11 @@ static int state_save(struct state *st)
 		struct fake_svc *s = &st->svcs[i];
 		const uint8_t *bytes = (const uint8_t *)&s->desc;
 
-		fprintf(f, "svc %u %u %u %u %u %u ", s->dev_id, s->desc.svc_id, s->busy,
-			s->netns, s->vni_min, s->vni_max);
+		fprintf(f, "svc %u %u %u %u %u %u %u", s->dev_id, s->desc.svc_id, s->busy,
+			s->netns, s->vni_min, s->vni_max, s->lpr);
+		for (int r = 0; r < NUM_RSRCS; r++)
+			fprintf(f, "%c%hu", r ? ',' : ' ', s->in_use[r]);
+		fputc(' ', f);
 		for (int b = 0; b < (int)sizeof(s->desc); b++)
 			fprintf(f, "%02x", bytes[b]);
 		fputc('\n', f);
@@ -340,6 +371,7 @@ static void add_default_service(struct state *st, const struct fake_dev *d)
 	 * disabled, reserving TLEs. */
 	memset(s, 0, sizeof(*s));
 	s->dev_id = dev_id;
+	s->lpr = 1;
 	s->desc.svc_id = DEFAULT_SVC_ID;
 	s->desc.flags = F_RESTRICTED_VNIS | F_RESOURCE_LIMITS;
 	s->desc.num_vld_vnis = 2;
@@ -482,18 +514,98 @@ static int validate_desc(const struct state *st, const struct cxi_svc_desc *desc
 	return 0;
 }
 
-/* What is not reserved by another service of the device. */
-static uint16_t available(struct state *st, const struct fake_dev *d, int r)
+/* What no service of the device reserves (the driver's shared count). */
+static int available(struct state *st, const struct fake_dev *d, int r)
 {
-	unsigned int reserved = 0;
+	int reserved = 0;
+
+	for (int i = 0; i < st->nsvcs; i++)
+		if (st->svcs[i].dev_id == d->dev_id)
+			reserved += st->svcs[i].desc.limits[r].res;
+	return reserved >= d->totals[r] ? 0 : d->totals[r] - reserved;
+}
+
+static bool limited(const struct rsrc_limit *lim)
+{
+	return lim->max || lim->res;
+}
+
+static bool holds_le_pool(const struct state *st, const struct fake_svc *s)
+{
+	const struct rsrc_limit *les = &s->desc.limits[R_LE];
+
+	if (s->desc.svc_id == DEFAULT_SVC_ID)
+		return false;
+	return les->res || (st->driver.le_pool_per_service && les->max);
+}
+
+/* How many pools of the device are taken: LE pools by services, TLE pools by all. */
+static int pools_taken(struct state *st, const struct fake_dev *d, bool tle)
+{
+	int taken = 0;
 
 	for (int i = 0; i < st->nsvcs; i++) {
 		const struct fake_svc *s = &st->svcs[i];
 
-		if (s->dev_id == d->dev_id && (s->desc.flags & F_RESOURCE_LIMITS))
-			reserved += s->desc.limits[r].res;
+		if (s->dev_id != d->dev_id)
+			continue;
+		taken += tle ? limited(&s->desc.limits[R_TLE]) : holds_le_pool(st, s);
 	}
-	return reserved >= d->totals[r] ? 0 : (uint16_t)(d->totals[r] - reserved);
+	return taken;
+}
+
+/* The limits the driver keeps: the device totals without resource limits; TLEs, when
+ * limited at all, reserved as their max and at least TLE_MIN. */
+static void effective_limits(const struct fake_dev *d, struct cxi_svc_desc *desc)
+{
+	struct rsrc_limit *tles = &desc->limits[R_TLE];
+
+	if (!(desc->flags & F_RESOURCE_LIMITS)) {
+		for (int r = 0; r < NUM_RSRCS; r++) {
+			desc->limits[r].max = d->totals[r];
+			desc->limits[r].res = 0;
+		}
+	}
+	if (limited(tles)) {
+		if (tles->res < TLE_MIN)
+			tles->res = TLE_MIN;
+		tles->max = tles->res;
+	}
+}
+
+/* The driver's reserve_rsrcs for a new service with these (effective) limits. */
+static int reserve(struct state *st, const struct fake_dev *d, const struct cxi_svc_desc *desc,
+		   struct cxi_svc_fail_info *fail)
+{
+	struct fake_svc probe = {.desc = *desc};
+	struct cxi_svc_fail_info ignored;
+
+	if (!fail)
+		fail = &ignored;
+	for (int r = 0; r < NUM_RSRCS; r++) {
+		int avail;
+
+		if (r == R_TLE || !limited(&desc->limits[r]))
+			continue;
+		avail = available(st, d, r);
+		fail->rsrc_avail[r] = (uint16_t)avail;
+		if (desc->limits[r].res > avail)
+			return -ENOSPC;
+	}
+	probe.desc.svc_id = DEFAULT_SVC_ID + 1;
+	if (holds_le_pool(st, &probe) && pools_taken(st, d, false) >= LE_POOLS - 1) {
+		fail->no_le_pools = true;
+		return -ENOSPC;
+	}
+	if (limited(&desc->limits[R_TLE])) {
+		if (desc->limits[R_TLE].res > available(st, d, R_TLE))
+			return -ENOSPC;
+		if (pools_taken(st, d, true) >= TLE_POOLS) {
+			fail->no_tle_pools = true;
+			return -ENOSPC;
+		}
+	}
+	return 0;
 }
 
 /* The 14.0.0 driver's profile check: -EEXIST when another service holds one of the VNIs. */
@@ -524,32 +636,13 @@ static unsigned int lowest_free_id(struct state *st, const struct fake_dev *d)
 	return id;
 }
 
-static int reserve(struct state *st, const struct fake_dev *d, const struct cxi_svc_desc *desc,
-		   struct cxi_svc_fail_info *fail)
-{
-	bool limited = desc->flags & F_RESOURCE_LIMITS;
-	int rc = 0;
-
-	for (int r = 0; r < NUM_RSRCS; r++) {
-		uint16_t avail;
-
-		if (limited && !desc->limits[r].max && !desc->limits[r].res)
-			continue;
-		avail = available(st, d, r);
-		if (fail)
-			fail->rsrc_avail[r] = avail;
-		if (limited && desc->limits[r].res > avail)
-			rc = -ENOSPC;
-	}
-	return rc;
-}
-
 EXPORT int cxil_alloc_svc(struct cxil_dev *dev, const struct cxi_svc_desc *desc,
 			  struct cxi_svc_fail_info *fail)
 {
 	struct state *st;
 	struct fake_dev *d;
 	struct fake_svc *s;
+	struct cxi_svc_desc kept;
 	int rc;
 
 	if (!desc)
@@ -565,18 +658,21 @@ EXPORT int cxil_alloc_svc(struct cxil_dev *dev, const struct cxi_svc_desc *desc,
 	rc = begin(st, dev, &d);
 	if (rc)
 		goto out;
+	kept = *desc;
+	effective_limits(d, &kept);
 	rc = validate_desc(st, desc, d);
 	if (!rc)
 		rc = vnis_free(st, d, desc);
 	if (!rc)
-		rc = reserve(st, d, desc, fail);
+		rc = reserve(st, d, &kept, fail);
 	if (!rc && st->nsvcs == MAX_SVCS)
 		rc = -ENOSPC;
 	if (!rc) {
 		s = &st->svcs[st->nsvcs++];
 		memset(s, 0, sizeof(*s));
 		s->dev_id = d->dev_id;
-		s->desc = *desc;
+		s->lpr = 1;
+		s->desc = kept;
 		s->desc.svc_id = lowest_free_id(st, d);
 		/* Without restricted VNIs the service waits for a VNI range. */
 		if (!(desc->flags & F_RESTRICTED_VNIS))
@@ -725,6 +821,92 @@ EXPORT int cxil_svc_get_netns(struct cxil_dev *dev, unsigned int svc_id, unsigne
 }
 #endif
 
+static int op_rsrc_use(struct state *st, struct fake_dev *d, unsigned int svc_id, void *arg)
+{
+	struct fake_svc *s = find_svc(st, d->dev_id, svc_id);
+	struct cxi_rsrc_use *use = arg;
+
+	if (!s)
+		return -EINVAL;
+	/* Like the driver's single-service answer: svc_id left 0. LE and TLE counts only for
+	 * a service with a pool of its own (or the default one). */
+	memset(use, 0, sizeof(*use));
+	memcpy(use->in_use, s->in_use, sizeof(use->in_use));
+	if (svc_id != DEFAULT_SVC_ID) {
+		if (!s->desc.limits[R_LE].res)
+			use->in_use[R_LE] = NOT_APPLICABLE;
+		if (!s->desc.limits[R_TLE].res)
+			use->in_use[R_TLE] = NOT_APPLICABLE;
+	}
+	return 0;
+}
+
+/* Run a reading op into a copy, and hand the copy out only when it succeeds. */
+static int copy_out(struct cxil_dev *dev, unsigned int svc_id,
+		    int (*op)(struct state *, struct fake_dev *, unsigned int, void *), void *out,
+		    size_t size)
+{
+	union {
+		struct cxi_svc_desc desc;
+		struct cxi_rsrc_use use;
+	} copy;
+	int rc;
+
+	if (!out || size > sizeof(copy))
+		return -EINVAL;
+	rc = with_svc(dev, svc_id, op, &copy, false);
+	if (!rc)
+		memcpy(out, &copy, size);
+	return rc;
+}
+
+EXPORT int cxil_get_svc_rsrc_use(struct cxil_dev *dev, unsigned int svc_id,
+				 struct cxi_rsrc_use *rsrcs)
+{
+	return copy_out(dev, svc_id, op_rsrc_use, rsrcs, sizeof(*rsrcs));
+}
+
+static int op_set_lpr(struct state *st, struct fake_dev *d, unsigned int svc_id, void *arg)
+{
+	struct fake_svc *s;
+	unsigned int lpr = *(unsigned int *)arg;
+
+	if (d->is_vf)
+		return -EPERM;
+	if (lpr > MAX_LPR)
+		return -EINVAL;
+	s = find_svc(st, d->dev_id, svc_id);
+	if (!s)
+		return -EINVAL;
+	if (s->busy) /* the driver refuses while an LNI uses the service */
+		return -EBUSY;
+	s->lpr = lpr;
+	return 0;
+}
+
+EXPORT int cxil_set_svc_lpr(struct cxil_dev *dev, unsigned int svc_id, unsigned int lnis_per_rgid)
+{
+	return with_svc(dev, svc_id, op_set_lpr, &lnis_per_rgid, true);
+}
+
+static int op_get_lpr(struct state *st, struct fake_dev *d, unsigned int svc_id, void *arg)
+{
+	struct fake_svc *s = find_svc(st, d->dev_id, svc_id);
+
+	if (!s)
+		return -EINVAL;
+	*(unsigned int *)arg = s->lpr;
+	return 0;
+}
+
+EXPORT int cxil_get_svc_lpr(struct cxil_dev *dev, unsigned int svc_id)
+{
+	unsigned int lpr = 0;
+	int rc = with_svc(dev, svc_id, op_get_lpr, &lpr, false);
+
+	return rc ? rc : (int)lpr;
+}
+
 static int op_get_svc(struct state *st, struct fake_dev *d, unsigned int svc_id, void *arg)
 {
 	struct fake_svc *s = find_svc(st, d->dev_id, svc_id);
@@ -737,15 +919,7 @@ static int op_get_svc(struct state *st, struct fake_dev *d, unsigned int svc_id,
 
 EXPORT int cxil_get_svc(struct cxil_dev *dev, unsigned int svc_id, struct cxi_svc_desc *desc)
 {
-	struct cxi_svc_desc copy;
-	int rc;
-
-	if (!desc)
-		return -EINVAL;
-	rc = with_svc(dev, svc_id, op_get_svc, &copy, false);
-	if (!rc)
-		*desc = copy;
-	return rc;
+	return copy_out(dev, svc_id, op_get_svc, desc, sizeof(*desc));
 }
 
 static int op_list(struct state *st, struct fake_dev *d, unsigned int unused, void *arg)

@@ -32,6 +32,8 @@ _VERSIONS = (
         ),
     ),
     ("LIBCXI_1.2", ("cxil_get_svc",)),
+    ("LIBCXI_1.5", ("cxil_get_svc_rsrc_use",)),
+    ("LIBCXI_1.8", ("cxil_set_svc_lpr", "cxil_get_svc_lpr")),
     ("LIBCXI_1.9", ("cxil_svc_enable", "cxil_svc_set_vni_range")),
     ("LIBCXI_1.10", ("cxil_svc_set_netns", "cxil_svc_get_netns")),
 )
@@ -82,27 +84,40 @@ def build(out_dir: Path, with_netns: bool = True) -> Path:
     return target
 
 
+RESOURCES = ("ptes", "txqs", "tgqs", "eqs", "cts", "les", "tles", "acs")  # the driver's order
+TOTALS = (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022)  # a Cassini NIC's
+
+
 @dataclass(frozen=True)
 class Nic:
-    """One fake NIC: its CXI device, its Ethernet netdev and PCI address."""
+    """One fake NIC: its CXI device, its Ethernet netdev and PCI address, and what the
+    driver shows of it in sysfs: resource totals (None: no num_* files) and resource groups
+    left."""
 
     cxi: str
     netdev: str
     pci: str
+    totals: tuple[int, ...] | None = TOTALS
+    rgids_avail: int = 255
 
 
 def make_sysfs(root: Path, nics: list[Nic], plain_netdevs: tuple[str, ...] = (),
                driver_rev: str | None = None) -> Path:
     """class/cxi/<cxi>/device and class/net/<netdev>/device point at the same fake PCI
-    device (vendor 0x17db, with net/<netdev>, and properties/driver_rev, where the driver
-    shows its revision, when given); plain_netdevs have no device link."""
+    device (vendor 0x17db, with net/<netdev>, and properties/: num_<resource> and
+    rgids_avail as the driver shows them, and driver_rev, its revision, when given);
+    plain_netdevs have no device link."""
     for nic in nics:
         pci_dir = root / "devices" / "pci0000:00" / nic.pci
         (pci_dir / "net" / nic.netdev).mkdir(parents=True, exist_ok=True)
         (pci_dir / "vendor").write_text(HPE_VENDOR + "\n")
+        properties = pci_dir / "properties"
+        properties.mkdir(exist_ok=True)
         if driver_rev is not None:
-            (pci_dir / "properties").mkdir(exist_ok=True)
-            (pci_dir / "properties" / "driver_rev").write_text(driver_rev + "\n")
+            (properties / "driver_rev").write_text(driver_rev + "\n")
+        for name, total in zip(RESOURCES, nic.totals or (), strict=False):
+            (properties / f"num_{name}").write_text(f"{total}\n")
+        (properties / "rgids_avail").write_text(f"{nic.rgids_avail}\n")
         for cls, name in (("cxi", nic.cxi), ("net", nic.netdev)):
             entry = root / "class" / cls / name
             entry.mkdir(parents=True, exist_ok=True)
@@ -124,12 +139,8 @@ def write_driver(state: Path, driver: str) -> None:
         f.write(f"driver {driver}\n")
 
 
-def write_device(
-    state: Path,
-    dev_id: int,
-    is_vf: bool = False,
-    totals: tuple[int, ...] = (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022),
-) -> None:
+def write_device(state: Path, dev_id: int, is_vf: bool = False,
+                 totals: tuple[int, ...] = TOTALS) -> None:
     """Declare a device before its first open (a VF, or other resource totals)."""
     with state.open("a") as f:
         f.write(f"dev {dev_id} {int(is_vf)} {','.join(map(str, totals))}\n")
@@ -140,20 +151,30 @@ def write_service(state: Path, dev_id: int, raw_desc: bytes, netns: int = 0) -> 
     assert len(raw_desc) == 68
     svc_id = int.from_bytes(raw_desc[64:68], "little")
     with state.open("a") as f:
-        f.write(f"svc {dev_id} {svc_id} 0 {netns} 0 0 {raw_desc.hex()}\n")
+        f.write(f"svc {dev_id} {svc_id} 0 {netns} 0 0 1 0,0,0,0,0,0,0,0 {raw_desc.hex()}\n")
 
 
-def set_busy(state: Path, dev_id: int, svc_id: int, busy: int) -> None:
-    """Mark a service as used by `busy` LNIs (destroy then fails with -EBUSY)."""
+def _set_field(state: Path, dev_id: int, svc_id: int, index: int, value: str) -> None:
+    """Replace field `index` of a service's line, under the stand-in's own lock."""
     with state.open("r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # the stand-in locks the same file
+        fcntl.flock(f, fcntl.LOCK_EX)
         lines, found = [], False
         for line in f.read().splitlines():
             fields = line.split()
             if fields[:3] == ["svc", str(dev_id), str(svc_id)]:
-                fields[3], found = str(busy), True
+                fields[index], found = value, True
             lines.append(" ".join(fields))
         assert found, f"no service {svc_id} on device {dev_id} in {state}"
         f.seek(0)
         f.truncate()
         f.write("\n".join(lines) + "\n")
+
+
+def set_busy(state: Path, dev_id: int, svc_id: int, busy: int) -> None:
+    """Mark a service as used by `busy` LNIs (destroy then fails with -EBUSY)."""
+    _set_field(state, dev_id, svc_id, 3, str(busy))
+
+
+def set_in_use(state: Path, dev_id: int, svc_id: int, in_use: dict[str, int]) -> None:
+    """What the service's processes use, by resource name (cxil_get_svc_rsrc_use)."""
+    _set_field(state, dev_id, svc_id, 8, ",".join(str(in_use.get(r, 0)) for r in RESOURCES))
