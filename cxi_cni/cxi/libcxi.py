@@ -112,8 +112,8 @@ def load_library(lib_path: str) -> ctypes.CDLL:
     if "/" in lib_path:  # a path, not a soname: the loader would block on a FIFO there
         try:
             mode = os.stat(lib_path).st_mode
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot load the CXI library {lib_path}: {exc.strerror}") from None
+        except OSError:
+            mode = stat.S_IFREG  # absent or unreadable: the loader's own error says so below
         if not stat.S_ISREG(mode):
             raise BackendUnavailable(f"cannot load the CXI library {lib_path}: not a regular file")
     try:
