@@ -55,7 +55,7 @@ fi
 
 # Modules the plugin never imports but that the venv (test tools) or the standard library
 # would drag in. yaml stays (k8s.py reads YAML kubeconfigs), without its C accelerator.
-EXCLUDES=(hypothesis yaml._yaml pytest _pytest sqlite3 _sqlite3 tkinter _tkinter pydoc_data
+EXCLUDES=(hypothesis yaml._yaml pytest _pytest tkinter _tkinter pydoc_data
   lib2to3 xmlrpc curses _curses readline bz2 _bz2 lzma _lzma
   _codecs_cn _codecs_hk _codecs_iso2022 _codecs_jp _codecs_kr _codecs_tw
   distutils setuptools pkg_resources pip)

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workspace import Workspace, ip, leases, records, seed_services, sim_services  # noqa: E402
+from workspace import (  # noqa: E402
+    Workspace,
+    ip,
+    leases,
+    records,
+    seed_attachments,
+    seed_services,
+    sim_services,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GO_PLUGINS = Path("/usr/lib/cni")
@@ -94,7 +102,7 @@ class Bench:
         folder = self.ws.folder(name)
         conf = {"cniVersion": "1.0.0", "name": name, "type": "cxi",
                 "stateDir": str(folder / "state"), "logFile": str(folder / "cxi.log"),
-                "cxi": {"backend": "sim", "simState": str(folder / "sim.json"), "vnis": list(vnis)}}
+                "cxi": {"backend": "sim", "simState": str(folder / "sim.db"), "vnis": list(vnis)}}
         if master:
             conf.update(master=self.ws.master, linkType="macvlan", ipam=self.ipam(folder))
         return conf
@@ -183,13 +191,14 @@ class Bench:
             leaked_links = sum(self.ws.pod_links(ns) for ns in spaces)
             self.notes.append(
                 f"| {label} | {width} | {phases['ADD'][0]:.0f} | {phases['DEL'][0]:.0f} | "
-                f"{phases['ADD'][1] + phases['DEL'][1]} | {sim_services(folder / 'sim.json')} | "
+                f"{phases['ADD'][1] + phases['DEL'][1]} | {sim_services(folder / 'sim.db')} | "
                 f"{leaked_links} | {records(folder / 'state')} | {leases(folder / 'ipam')} |")
             for ns in spaces:
                 self.drop_netns(ns)
 
     def crowded_device(self) -> None:
-        """DEL (and ADD) on a device holding 1 versus 1,000 bound services."""
+        """ADD and DEL on a node holding 1 versus 1,000 attachments, with as many bound
+        services per device; then GC of all of them when their namespaces are gone."""
         for crowd in (1, 1000):
             conf = self.cxi_conf(f"crowd-{crowd}", master=False)
             sim_state = Path(conf["cxi"]["simState"])
@@ -198,14 +207,18 @@ class Bench:
             held = {dev: seed_services(sim_state, dev, crowd) for dev in ("cxi0", "cxi1")}
             invoke(self.binary, "DEL", conf, seed_ns, "seed")
             self.drop_netns(seed_ns)
-            scenario = f"{crowd} svc"
+            attached = seed_attachments(sim_state, Path(conf["stateDir"]))
+            scenario = f"{crowd} pods"
             for i in range(self.runs):
                 netns = self.ws.netns()
                 self.series_for(scenario, "cxi", "ADD").add(invoke(self.binary, "ADD", conf, netns, f"c{i}"))
                 self.series_for(scenario, "cxi", "DEL").add(invoke(self.binary, "DEL", conf, netns, f"c{i}"))
                 self.drop_netns(netns)
-            self.notes.append(f"crowd {crowd}: services held per device {held}, "
-                              f"left after the runs: {sim_services(sim_state) - 2 * (crowd - 1)}")
+            gc_conf = {**conf, "cniVersion": "1.1.0", "cni.dev/valid-attachments": []}
+            gc = invoke(self.binary, "GC", gc_conf, None, "gc")
+            self.notes.append(f"crowd {crowd}: {attached} attachments, services held per device "
+                              f"{held}; GC of them all took {gc.ms:.0f} ms (exit {gc.rc}) and left "
+                              f"{sim_services(sim_state)} services, {records(Path(conf['stateDir']))} records")
 
 
 def machine() -> str:

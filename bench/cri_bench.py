@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cri.client import Pod  # noqa: E402
 from cri.containerd import Containerd  # noqa: E402
+from workspace import sim_services  # noqa: E402
 
 from bench import machine, shown  # noqa: E402
 
@@ -33,7 +34,7 @@ CHAINS = ("bridge", "bridge + cxi")
 
 def cxi_entry(folder: Path) -> dict:
     return {"type": "cxi", "stateDir": str(folder / "state"), "logFile": str(folder / "cxi.log"),
-            "cxi": {"backend": "sim", "simState": str(folder / "sim.json"), "vnis": [100]}}
+            "cxi": {"backend": "sim", "simState": str(folder / "sim.db"), "vnis": [100]}}
 
 
 def summary(ms: list[float]) -> str:
@@ -82,10 +83,9 @@ class Run:
     def leftovers(self, label: str) -> int:
         node = self.nodes[label]
         count = len(node.client.sandboxes()) + len(node.leases()) + len(node.netns_mounts())
-        sim = self.root / "cxi" / "sim.json"
+        sim = self.root / "cxi" / "sim.db"
         if "cxi" in label and sim.exists():
-            devices = json.loads(sim.read_text())["devices"].values()
-            count += sum(len(d["services"]) - 1 for d in devices)  # all but the default service
+            count += sim_services(sim)  # all but the default services
             count += len(list((self.root / "cxi" / "state").glob("*.json")))
         return count
 

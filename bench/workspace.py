@@ -4,12 +4,18 @@ namespaces, and the counts that tell whether anything leaked."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cxi_cni.cxi.services import Binding  # noqa: E402
+from cxi_cni.cxi.sim import SimState  # noqa: E402
+from cxi_cni.record import AttachmentRecord  # noqa: E402
+from cxi_cni.state import AttachmentStore  # noqa: E402
 
 MAX_NAMESPACES = 256  # a bound on what one run may create
 
@@ -60,11 +66,11 @@ class Workspace:
 
 
 def sim_services(sim_state: Path) -> int:
-    """Services other than each device's default one (id 1) in a sim state file."""
+    """Services other than each device's default one (id 1) in a sim state."""
     if not sim_state.exists():
         return 0
-    devices = json.loads(sim_state.read_text())["devices"].values()
-    return sum(1 for dev in devices for sid in dev["services"] if sid != "1")
+    with SimState(str(sim_state)).transaction(write=False) as state:
+        return sum(1 for dev in state["devices"].values() for sid in dev["services"] if sid != "1")
 
 
 def records(state_dir: Path) -> int:
@@ -82,17 +88,32 @@ def leases(ipam_dir: Path) -> int:
 def seed_services(sim_state: Path, device: str, count: int) -> int:
     """Clone the device's newest bound service until it holds `count` bound services, each
     bound to an inode no namespace has. Returns how many the device holds."""
-    state = json.loads(sim_state.read_text())
-    services = state["devices"][device]["services"]
-    template = services[max(services, key=int)]
-    next_id = max(int(s) for s in services) + 1
-    for k in range(min(count, 4096) - (len(services) - 1)):
-        clone = json.loads(json.dumps(template))
-        clone["desc"]["svc_id"] = next_id
-        clone["netns"] = 0x7F000000 + k
-        services[str(next_id)] = clone
-        next_id += 1
-    tmp = sim_state.with_suffix(".seed")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, sim_state)
-    return len(services) - 1
+    with SimState(str(sim_state)).transaction() as state:
+        services = state["devices"][device]["services"]
+        template = services[max(services, key=int)]
+        next_id = max(int(s) for s in services) + 1
+        for k in range(min(count, 4096) - (len(services) - 1)):
+            clone = json.loads(json.dumps(template))
+            clone["desc"]["svc_id"] = next_id
+            clone["netns"] = 0x7F000000 + k
+            services[str(next_id)] = clone
+            next_id += 1
+        return len(services) - 1
+
+
+def seed_attachments(sim_state: Path, state_dir: Path) -> int:
+    """A record for every namespace the seeded services are bound to, as the plugin keeps
+    them for the pods of a crowded node (whose namespaces are gone: GC may take them)."""
+    bound: dict[int, list[Binding]] = {}
+    with SimState(str(sim_state)).transaction(write=False) as state:
+        for device, info in state["devices"].items():
+            for sid, svc in info["services"].items():
+                if svc["netns"]:
+                    bound.setdefault(svc["netns"], []).append(Binding(device, int(sid)))
+    store = AttachmentStore(str(state_dir))
+    store.ensure()
+    for inode, services in bound.items():
+        store.save(AttachmentRecord(f"crowd{inode:x}", "eth0", f"/run/netns/gone-{inode:x}", inode,
+                                    (100,), (), sorted({b.device for b in services}), services,
+                                    complete=True))
+    return len(bound)

@@ -94,6 +94,8 @@ def service_rows(inv, include_all: bool) -> list[dict]:
                            for r in RESOURCES if r in desc.limits} if desc.resource_limits else None,
                 "lnis_per_rgid": lpr,
                 "enabled": desc.enable, "system": desc.is_system_svc,
+                "restricted_members": desc.restricted_members,
+                "members": [{"type": m.type, "id": m.id} for m in desc.members if m.type],
                 "container_id": record.container_id if record else None,
                 "ifname": record.ifname if record else None,
                 "netns": record.netns if record else None,

@@ -81,7 +81,7 @@ MAX_DESTROY_WAIT = 30.0
 CXI_FIELDS = (
     Field("backend", cs.literal_schema(["libcxi", "sim"]), "libcxi",
           'set cxi.backend to "libcxi" (real NICs) or "sim" (simulated)'),
-    Field("simState", cs.str_schema(), "/var/lib/cni/cxi/sim.json"),
+    Field("simState", cs.str_schema(), "/var/lib/cni/cxi/sim.db"),
     Field("libcxi", cs.str_schema(), "libcxi.so.1"),
     Field("stack", cs.literal_schema(list(STACKS)), "auto",
           "set cxi.stack to " + ", ".join(f'"{s}"' for s in STACKS)

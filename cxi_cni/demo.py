@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-from .cxi.sim import STATE_VERSION, new_device
+from .cxi.sim import STATE_VERSION, SimState, new_device
 
 IPAM_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 
@@ -54,18 +54,17 @@ class Demo:
         state = {"version": STATE_VERSION, "devices": {
             "cxi0": new_device(self.master, "0000:41:00.0"),
             "cxi1": new_device("hsn1", "0000:42:00.0")}}
-        with open(os.path.join(self.root, "sim.json"), "w") as fh:
-            json.dump(state, fh)
+        SimState(os.path.join(self.root, "sim.db")).reset(state)
         self.say(f"made: network namespace {self.netns} (the pod), veth {self.master} "
                  "(stands in for hsn0)")
         self.say(f"made: simulated NICs cxi0 (behind {self.master}) and cxi1 (behind hsn1) "
-                 f"in {self.root}/sim.json")
+                 f"in {self.root}/sim.db")
 
     def conf(self, ipam_dir: str | None) -> dict:
         conf = {
             "cniVersion": "1.0.0", "name": "hsn0-demo", "type": "cxi",
             "stateDir": f"{self.root}/state", "logFile": f"{self.root}/cxi.log",
-            "cxi": {"backend": "sim", "simState": f"{self.root}/sim.json", "devices": "all",
+            "cxi": {"backend": "sim", "simState": f"{self.root}/sim.db", "devices": "all",
                     "vnis": [1024], "tcs": ["low_latency", "best_effort"]},
         }
         if ipam_dir:

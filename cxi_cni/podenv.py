@@ -63,8 +63,8 @@ def find(backend: Backend, inode: int) -> Found:
             skipped.append(open_problem(exc))
             continue
         try:
-            services[name] = [s for s in dev.list_services() if s.netns_inode == inode
-                              and s.desc.enable and not s.desc.is_system_svc]
+            services[name] = [s for s in dev.services_bound_to(inode)
+                              if s.desc.enable and not s.desc.is_system_svc]
         finally:
             dev.close()
     if not services:

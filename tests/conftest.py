@@ -92,7 +92,7 @@ class SimSetup:
         self.root = root
         self.stack = stack
         self.state_dir = root / "state"
-        self.sim_state = root / "sim.json"
+        self.sim_state = root / "sim.db"
         self.log_file = root / "cxi.log"
         self.env: dict[str, str] = {}
         self.prepare()
@@ -156,14 +156,14 @@ class SimSetup:
     def seed(self, devices: dict, rgids_avail: int | None = None) -> None:
         """Devices as {name: (netdev, is_vf, totals dict or None)}, each with `rgids_avail`
         resource groups left (default: all of them)."""
-        from cxi_cni.cxi.sim import STATE_VERSION, new_device
+        from cxi_cni.cxi.sim import STATE_VERSION, SimState, new_device
 
         state = {"version": STATE_VERSION, "stack": self.stack, "devices": {
             name: new_device(netdev, f"0000:{0x41 + i:02x}:00.0", vf=vf, totals=totals)
             for i, (name, (netdev, vf, totals)) in enumerate(sorted(devices.items()))}}
         for device in state["devices"].values():
             device["rgids_avail"] = rgids_avail or device["rgids_avail"]
-        self.sim_state.write_text(json.dumps(state))
+        SimState(str(self.sim_state)).reset(state)
 
 
 class LibcxiSetup(SimSetup):

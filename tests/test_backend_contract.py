@@ -86,6 +86,22 @@ def test_binding_sequence(dev):
     fails(lambda: stack.netns_of(dev, sid), errno.EINVAL)
 
 
+def test_filtered_listings_agree_with_the_whole_list(dev):
+    """services_bound_to and system_services (the simulator answers them from its database,
+    libcxi from its whole list) give what filtering the whole listing gives."""
+    stack = dev.stack
+    for inode, vni in ((INODE, 100), (INODE + 1, 200), (INODE, 300)):
+        sid = stack.alloc(dev, ServiceDesc.for_netns([vni]), inode)
+        stack.bind(dev, sid, inode)
+        stack.enable(dev, sid)
+    listed = dev.list_services()
+    for inode in (INODE, INODE + 1, INODE + 2):
+        assert dev.services_bound_to(inode) == [s for s in listed if s.netns_inode == inode]
+    assert len(dev.services_bound_to(INODE)) == 2
+    assert [s.svc_id for s in dev.system_services()] == [
+        s.svc_id for s in listed if s.desc.is_system_svc]
+
+
 def test_call_stacks_bind_with_set_netns_and_show_it_only_there(dev):
     call_stack_only(dev)
     sid = dev.alloc_svc(ServiceDesc.for_netns([100]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from hypothesis import strategies as st
 from cxi_cni.cni.skel import MAX_STDIN
 from cxi_cni.cni.version import SUPPORTED_VERSIONS
 from cxi_cni.config import CXI_FIELDS, NETCONF_FIELDS
+from cxi_cni.cxi.backend import BackendUnavailable
+from cxi_cni.cxi.sim import SimState
 from cxi_cni.state import attachment_key
 
 WORKERS = 4
@@ -330,15 +333,15 @@ def damaged_record(draw):
 
 @st.composite
 def damaged_sim_state(draw):
-    how = draw(st.sampled_from(["truncated", "garbage", "other version"]))
-    arg = draw(st.floats(min_value=0, max_value=0.999) if how == "truncated" else
-               st.binary(max_size=60) if how == "garbage" else st.integers(2, 99))
-    if how == "garbage" and arg.strip() == b"":
-        how = "empty"
+    how = draw(st.sampled_from(["garbage", "other version", "unknown stack"]))
+    arg = draw(st.binary(max_size=60) if how == "garbage" else st.integers(3, 99) if
+               how == "other version" else st.text("abcdefghij-.0123456789", min_size=1, max_size=12))
+    if how == "garbage" and arg == b"":
+        how = "empty"  # an empty file is a new state: the default devices
     command = draw(st.sampled_from(["ADD", "ADD", "DEL"]))  # DEL: no record, nothing to do
-    return Case(f"{command} on a {how} sim state", OK if command == "DEL" else BACKEND_UNAVAILABLE,
-                "sim state" if command == "ADD" else "",
-                command=command, prepare=(("damage sim", (how, arg)),))
+    fails = command == "ADD" and how != "empty"
+    return Case(f"{command} on a {how} sim state", BACKEND_UNAVAILABLE if fails else OK,
+                "sim state" if fails else "", command=command, prepare=(("damage sim", (how, arg)),))
 
 
 # ---------------------------------------------------------------- running them
@@ -356,7 +359,7 @@ class Runner:
     def conf(self, case: Case, where: Path) -> dict:
         conf = {"cniVersion": "1.0.0", "name": "hostile", "type": "cxi",
                 "stateDir": str(where / "state"), "logFile": str(where / "cxi.log"),
-                "cxi": {"backend": "sim", "simState": str(where / "sim.json"), "vnis": [100]}}
+                "cxi": {"backend": "sim", "simState": str(where / "sim.db"), "vnis": [100]}}
         for path, value in case.sets:
             target = conf
             for part in path[:-1]:
@@ -429,14 +432,14 @@ class Runner:
                 (state / f"{attachment_key(cid, 'eth0')}.json").write_bytes(arg)
             elif what == "damage sim":
                 how, value = arg
-                good = json.dumps({"version": 1, "devices": {"cxi0": {"netdev": "hsn0"}}})
-                if how == "truncated":
-                    raw = good.encode()[:int(value * len(good))]
-                elif how == "other version":
-                    raw = good.replace('"version": 1', f'"version": {value}').encode()
-                else:
-                    raw = value if how == "garbage" else b""
-                (where / "sim.json").write_bytes(raw)
+                path = where / "sim.db"
+                if how in ("garbage", "empty"):
+                    path.write_bytes(value)
+                else:  # a real state, then the version or stack of another
+                    SimState(str(path)).connect().close()
+                    with sqlite3.connect(path) as db:
+                        key = "version" if how == "other version" else "stack"
+                        db.execute("UPDATE meta SET value = ? WHERE key = ?", (str(value), key))
         return conf
 
     def run(self, case: Case) -> list[str]:
@@ -499,15 +502,14 @@ class Runner:
 
     def left_behind(self, where: Path, before: set[str]) -> list[str]:
         left = [f"left {p}" for p in sorted(self.files(where) - before)]
-        sim = where / "sim.json"
+        sim = where / "sim.db"
         try:
-            devices = json.loads(sim.read_bytes()).get("devices", {}) if sim.exists() else {}
-        except (ValueError, AttributeError):
-            devices = {}  # a damaged state the case wrote itself
-        for name, device in devices.items() if isinstance(devices, dict) else ():
-            for sid, svc in (device.get("services") or {}).items():
-                if sid != "1":
-                    left.append(f"left service {name}/{sid} bound to {svc.get('netns')}")
+            with SimState(str(sim)).transaction(write=False) as state:
+                left += [f"left service {name}/{sid} bound to {svc.get('netns')}"
+                         for name, device in state["devices"].items()
+                         for sid, svc in device["services"].items() if sid != "1"]
+        except BackendUnavailable:
+            pass  # a damaged state the case wrote itself
         return left
 
 

@@ -32,7 +32,7 @@ GUEST_CNI_PATH = "/opt/cni/bin"
 NETWORK = "hsn"
 MODES = ("l2", "l3", "l3s")
 PLUGINS = {"cxi": "cxi", "go": "ipvlan"}  # who -> plugin binary in the guest
-SIM_STATE = "/tmp/sim.json"
+SIM_STATE = "/tmp/sim.db"
 STATE_DIR = "/tmp/cxi-state"
 SIM_DEVICES = ("cxi0", "cxi1")  # the sim backend's default NICs
 STEPS = ("add", "link", "check", "del", "link_gone", "del_again", "check_after_del")
@@ -108,7 +108,8 @@ attach() {
     data ${tag}_addr "$($IP -n pod-$tag -j addr show dev net1)"
     data ${tag}_routes "$($IP -n pod-$tag -j route show table all)"
     data ${tag}_leases_after_add "$(leases $ipam)"
-    [ $who = cxi ] && data_file ${tag}_sim_after_add /tmp/sim.json
+    [ $who = cxi ] && $plugin services --all --json --config $config > /tmp/svc.json
+    [ $who = cxi ] && data_file ${tag}_sim_after_add /tmp/svc.json
 
     with_prev_result $config /tmp/$tag.result > /tmp/$tag.prev.json
     cni CHECK $plugin /tmp/$tag.prev.json
@@ -120,7 +121,8 @@ attach() {
     metric ${tag}_del_ms $CNI_MS
     expect_cmd_fails ${tag}_link_gone $IP -n pod-$tag link show net1
     data ${tag}_leases_after_del "$(leases $ipam)"
-    [ $who = cxi ] && data_file ${tag}_sim_after_del /tmp/sim.json
+    [ $who = cxi ] && $plugin services --all --json --config $config > /tmp/svc.json
+    [ $who = cxi ] && data_file ${tag}_sim_after_del /tmp/svc.json
     [ $who = cxi ] && data ${tag}_records_after_del "$(ls $STATE_DIR | grep '\.json$')"
 
     cni DEL $plugin /tmp/$tag.prev.json
@@ -143,7 +145,8 @@ metric cxi_missing_master_ms $CNI_MS
 data_file missing_master_error /tmp/cni.out
 data missing_master_links "$($IP -n pod-err -j link show)"
 data missing_master_leases "$(leases /tmp/ipam-err)"
-data_file missing_master_sim /tmp/sim.json
+$CNI_PATH/cxi services --all --json --config /etc/cni/cxi_missing_master.json > /tmp/svc.json
+data_file missing_master_sim /tmp/svc.json
 data missing_master_records "$(ls $STATE_DIR | grep '\.json$')"
 
 echo "----- last lines of the cxi log -----"
@@ -227,12 +230,13 @@ def guest(cxi_bin) -> GuestRun:
     return GuestRun(run)
 
 
-def sim_services(state: dict) -> dict[str, list[dict]]:
-    """Every service but the default one, per sim device."""
-    return {
-        device: [svc for svc_id, svc in info["services"].items() if int(svc_id) != DEFAULT_SVC_ID]
-        for device, info in state["devices"].items()
-    }
+def sim_services(rows: list[dict]) -> dict[str, list[dict]]:
+    """Every service but the default one, per sim device, from `cxi services --all --json`."""
+    out: dict[str, list[dict]] = {device: [] for device in SIM_DEVICES}
+    for row in rows:
+        if row["svc_id"] != DEFAULT_SVC_ID:
+            out.setdefault(row["device"], []).append(row)
+    return out
 
 
 def link_index(link: dict) -> int:
@@ -313,12 +317,13 @@ def test_one_service_per_device_bound_to_the_netns_until_del(guest, mode):
         services = added[device]
         guest.check(len(services) == 1, f"{device} after ADD in {mode}: {services}")
         svc = services[0]
-        guest.check(svc["netns"] == inode, f"{device} service netns {svc['netns']}, pod netns inode {inode}")
-        desc = svc["desc"]  # restricted to no uid/gid: the netns binding is the only way in
-        guest.check(desc["restricted_members"] and desc["enable"], f"{device} service {svc}")
-        guest.check(all(kind in (0, MEMBER_NET_NS) for _, kind in desc["members"]), f"{device} members {desc}")
-        guest.check(svc["desc"]["vnis"] == [100], f"{device} VNIs {svc['desc']['vnis']}")
-        guest.check(svc["desc"]["svc_id"] == result_services[device], f"{device}: {svc} vs result {result_services}")
+        guest.check(svc["netns_inode"] == inode,
+                    f"{device} service netns {svc['netns_inode']}, pod netns inode {inode}")
+        # restricted to no uid/gid: the netns binding is the only way in
+        guest.check(svc["restricted_members"] and svc["enabled"], f"{device} service {svc}")
+        guest.check(all(m["type"] == MEMBER_NET_NS for m in svc["members"]), f"{device} members {svc}")
+        guest.check(svc["vnis"] == [100], f"{device} VNIs {svc['vnis']}")
+        guest.check(svc["svc_id"] == result_services[device], f"{device}: {svc} vs result {result_services}")
     left = sim_services(guest.json(f"cxi_{mode}_sim_after_del"))
     guest.check(not any(left.values()), f"services left after DEL in {mode}: {left}")
     guest.check(guest.words(f"cxi_{mode}_records_after_del") == [], "attachment record left after DEL")

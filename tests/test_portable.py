@@ -167,7 +167,7 @@ def test_runs_in_a_root_without_any_libc(libc_free_root, netns):
     root = libc_free_root
     conf = {"cniVersion": "1.0.0", "name": "net", "type": "cxi", "stateDir": "/data/state",
             "logFile": "/data/cxi.log",
-            "cxi": {"backend": "sim", "simState": "/data/sim.json", "vnis": [100]}}
+            "cxi": {"backend": "sim", "simState": "/data/sim.db", "vnis": [100]}}
     (root / "data" / "conf.json").write_text(json.dumps(conf))
     env = "CNI_CONTAINERID=c1 CNI_NETNS=/data/ns CNI_IFNAME=eth0 CNI_PATH=/bin"
     script = ("set -e; for i in 1 2 3 4; do echo {} | CNI_COMMAND=VERSION /cxi > /tmp/v$i & done; wait; "
@@ -192,6 +192,6 @@ def test_runs_in_a_root_without_any_libc(libc_free_root, netns):
     assert [name for name in top if name.startswith(".cxi")] == \
         sorted([Launched(root / "cxi").folder, ".cxi.lock"]), top
     assert sorted(run) == [".", ".."], run
-    assert json.loads((root / "data" / "sim.json").read_text())  # the sim state lives in /data
+    assert (root / "data" / "sim.db").read_bytes().startswith(b"SQLite format 3")  # the sim state is in /data
     records = list((root / "data" / "state").glob("*.json"))
     assert records == [], "DEL left a record"

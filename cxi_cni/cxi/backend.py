@@ -191,6 +191,23 @@ class Device(Protocol):
     def rgids_avail(self) -> int | None:
         """How many resource groups the device has left (sysfs rgids_avail), None if unknown."""
 
+    def services_bound_to(self, inode: int) -> list[Service]:
+        """The listed services bound to the namespace `inode` (ListingFilters)."""
+
+    def system_services(self) -> list[Service]:
+        """The listed system services, their netns_inode left 0 (ListingFilters)."""
+
+
+class ListingFilters:
+    """The listings a device answers from its whole list, for a device with no cheaper way
+    (the simulator filters in its database instead)."""
+
+    def services_bound_to(self, inode: int) -> list[Service]:
+        return [svc for svc in self.list_services() if svc.netns_inode == inode]
+
+    def system_services(self) -> list[Service]:
+        return [svc for svc in self.list_services(netns=False) if svc.desc.is_system_svc]
+
 
 class Backend(Protocol):
     """A set of CXI devices reached one way (real library or simulation)."""

@@ -31,6 +31,7 @@ from cxi_cni.cxi.backend import (
     BackendUnavailable,
     CxiError,
     LibraryInfo,
+    ListingFilters,
     Service,
     ServiceDesc,
 )
@@ -181,7 +182,7 @@ def _u32(op: str, device: str, value: int, what: str) -> int:
     return value
 
 
-class LibcxiDevice:
+class LibcxiDevice(ListingFilters):
     """An open CXI device (struct cxil_dev *) of libcxi."""
 
     def __init__(self, lib: ctypes.CDLL, handle: ctypes.c_void_p, name: str, stack, lib_file: str,

@@ -74,8 +74,7 @@ def device_headroom(dev, adjust: bool) -> dict[str, int]:
     """The most a service may be given on `dev` (shape.headroom over its system services)."""
     system = []
     if adjust:
-        system = [(svc, dev.svc_rsrc_use(svc.svc_id)) for svc in dev.list_services(netns=False)
-                  if svc.desc.is_system_svc]
+        system = [(svc, dev.svc_rsrc_use(svc.svc_id)) for svc in dev.system_services()]
     return headroom(dev.totals(), system, adjust)
 
 
@@ -143,8 +142,8 @@ def reap_stale(dev, inode: int, judge: Callable[[Service, Callable[[], None]], N
     the moment (holding the owner's lock), and `reap` destroys the id only if it is still
     bound to `inode`, since the listing may be old and the id handed out again."""
     reaped, kept = [], []
-    for svc in dev.list_services():
-        if svc.netns_inode != inode or svc.svc_id == DEFAULT_SVC_ID:
+    for svc in dev.services_bound_to(inode):
+        if svc.svc_id == DEFAULT_SVC_ID:
             continue
 
         def reap(svc=svc) -> None:

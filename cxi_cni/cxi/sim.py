@@ -1,8 +1,7 @@
-"""Simulated CXI devices kept in a JSON state file, enforcing the driver's service rules.
+"""Simulated CXI devices kept in an SQLite database, enforcing the driver's service rules.
 
-Every call is one transaction: an exclusive flock on `<state>.lock`, read, change, write
-to a temporary file and rename over the state, so concurrent plugin processes see the
-same devices a real driver would show them.
+Every call is one transaction, so concurrent plugin processes see the same devices a real
+driver would show them (SimState).
 
 The state's "stack" says which software stack the simulation is (EMULATED): its library's
 calls and its driver's rules. shs-14.0.1 (the default) and shs-14.0.0 have the netns calls,
@@ -24,16 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
+import sqlite3
 import stat
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from .backend import (
     DEFAULT_SVC_ID,
     MAX_VNIS,
     MEMBER_GID,
+    MEMBER_NET_NS,
     MEMBER_UID,
     RESOURCES,
     TRAFFIC_CLASSES,
@@ -49,8 +50,18 @@ from .backend import (
 from .shape import LE_POOLS, MAX_LNIS_PER_RGID, NOT_APPLICABLE, TLE_MIN, TLE_POOLS
 from .stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1 was one JSON file, before the database
 DEFAULT_STACK = "shs-14.0.1"
+MIN_DATABASE = 512  # bytes: an SQLite database is at least one page
+BUSY_WAIT = 60.0  # seconds a call waits for another process's transaction on the same devices
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS services (device TEXT NOT NULL, svc_id INTEGER NOT NULL,
+                                     netns INTEGER NOT NULL, system INTEGER NOT NULL,
+                                     data TEXT NOT NULL, PRIMARY KEY (device, svc_id));
+CREATE INDEX IF NOT EXISTS services_by_netns ON services (device, netns);
+"""
 NETNS_CALLS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
 
 
@@ -167,58 +178,205 @@ def effective_limits(desc: ServiceDesc, totals: dict, default: bool) -> dict[str
     return limits
 
 
+class Services(MutableMapping):
+    """One device's services by id (as text), read from the database when first asked for
+    (one row, or all of them for a walk) and written back, if changed, when the call ends."""
+
+    def __init__(self, db: sqlite3.Connection, device: str):
+        self.db, self.device = db, device
+        self.rows: dict[str, dict] = {}
+        self.read_as: dict[str, str | None] = {}  # the row's text when read (None: new)
+        self.gone: set[str] = set()
+        self.complete = False
+
+    def __getitem__(self, svc_id: str) -> dict:
+        if svc_id in self.gone:
+            raise KeyError(svc_id)
+        if svc_id not in self.rows and not self.complete:
+            row = self.db.execute("SELECT data FROM services WHERE device = ? AND svc_id = ?",
+                                  (self.device, int(svc_id))).fetchone()
+            if row is not None:
+                self.rows[svc_id], self.read_as[svc_id] = json.loads(row[0]), row[0]
+        return self.rows[svc_id]
+
+    def __setitem__(self, svc_id: str, value: dict) -> None:
+        self.rows[svc_id] = value
+        self.read_as.setdefault(svc_id, None)
+        self.gone.discard(svc_id)
+
+    def __delitem__(self, svc_id: str) -> None:
+        self[svc_id]  # noqa: B018  (KeyError when there is none)
+        del self.rows[svc_id]
+        self.gone.add(svc_id)
+
+    def __iter__(self):
+        self.read_all()
+        return iter(sorted(self.rows, key=int))
+
+    def __len__(self) -> int:
+        self.read_all()
+        return len(self.rows)
+
+    def read_all(self) -> None:
+        if self.complete:
+            return
+        for svc_id, text in self.db.execute("SELECT svc_id, data FROM services WHERE device = ?",
+                                            (self.device,)):
+            key = str(svc_id)
+            if key not in self.rows and key not in self.gone:
+                self.rows[key], self.read_as[key] = json.loads(text), text
+        self.complete = True
+
+    def write(self) -> None:
+        for svc_id in self.gone:
+            self.db.execute("DELETE FROM services WHERE device = ? AND svc_id = ?",
+                            (self.device, int(svc_id)))
+        for svc_id, value in self.rows.items():
+            text = json.dumps(value, separators=(",", ":"))
+            if text != self.read_as.get(svc_id):
+                self.db.execute("INSERT OR REPLACE INTO services VALUES (?, ?, ?, ?, ?)",
+                                row(self.device, int(svc_id), value, text))
+
+    def ids(self) -> list[int]:
+        """The ids of the device's services, without reading the services."""
+        return [svc_id for (svc_id,) in self.db.execute(
+            "SELECT svc_id FROM services WHERE device = ? ORDER BY svc_id", (self.device,))]
+
+    def where(self, condition: str, *args) -> dict[str, dict]:
+        """The stored services that meet an SQL condition on the netns and system columns."""
+        return {str(svc_id): json.loads(text) for svc_id, text in self.db.execute(
+            f"SELECT svc_id, data FROM services WHERE device = ? AND {condition} ORDER BY svc_id",
+            (self.device, *args))}
+
+    def usage(self, le_pool_per_service: bool) -> tuple[dict[str, int], int, int]:
+        """What the stored services hold, summed by the database: the reservation of each
+        resource, the LE pools (services but the default one reserving LEs, or before
+        14.0.1 limiting them) and the TLE pools (services limiting TLEs)."""
+        limit = "IFNULL(json_extract(data, '$.desc.limits.{}[{}]'), 0)".format
+        sums = ", ".join(f"SUM({limit(name, 1)})" for name in RESOURCES)
+        les = f"svc_id != {DEFAULT_SVC_ID} AND ({limit('les', 1)} > 0 OR (? AND {limit('les', 0)} > 0))"
+        tles = f"{limit('tles', 0)} > 0 OR {limit('tles', 1)} > 0"
+        found = self.db.execute(f"SELECT {sums}, SUM({les}), SUM({tles}) FROM services "
+                                "WHERE device = ?", (int(le_pool_per_service), self.device)).fetchone()
+        counts = [int(value or 0) for value in found]
+        return dict(zip(RESOURCES, counts, strict=False)), counts[-2], counts[-1]
+
+
+def row(device: str, svc_id: int, value: dict, text: str) -> tuple:
+    """A service's row: the inode it is bound to (by the netns call or its NET_NS member)
+    and whether it is a system service, in columns the listings filter on."""
+    members = value["desc"]["members"]
+    bound = value["netns"] or next((mid for mid, kind in members if kind == MEMBER_NET_NS), 0)
+    return device, svc_id, bound, int(bool(value["desc"]["is_system_svc"])), text
+
+
 class SimState:
-    """The state file and its lock; `transaction()` yields the decoded state."""
+    """The simulated devices in an SQLite database (sqlite3, standard library): each driver
+    call is one transaction, so concurrent plugin processes see the devices a real driver
+    would show them and a process killed mid-call changes nothing. A call reads only the
+    services it needs: one, or all of a device for a walk (a listing, a reservation check),
+    so a call on a device with a thousand services costs a few milliseconds, not the
+    rewrite of every service. `transaction()` yields the state as the dicts the rules use:
+    {"version", "stack", "devices": {name: {..., "services": {id: service}}}}."""
 
     def __init__(self, path: str):
         self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    def connect(self) -> sqlite3.Connection:
+        if self._db is not None:
+            return self._db
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+            # Only stat it: opening and closing the file ourselves would drop the POSIX locks
+            # another connection of this process holds on it (SQLite's documented pitfall).
+            st = os.stat(self.path) if os.path.exists(self.path) else None
+            if st is not None and not stat.S_ISREG(st.st_mode):  # sqlite would block on a FIFO
+                raise BackendUnavailable(f"the sim state {self.path} is not a regular file")
+            if st is not None and 0 < st.st_size < MIN_DATABASE:  # sqlite would take it for new
+                raise sqlite3.DatabaseError("not an SQLite database (shorter than one page)")
+            db = sqlite3.connect(self.path, timeout=BUSY_WAIT, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.executescript(SCHEMA)
+            if db.execute("SELECT count(*) FROM meta").fetchone()[0] == 0:
+                db.execute("BEGIN IMMEDIATE")  # a new state: the default devices, once
+                if db.execute("SELECT count(*) FROM meta").fetchone()[0] == 0:
+                    self._store(db, default_state(), {})
+                db.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise self.failed(exc) from None
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot open the sim state {self.path}: {exc.strerror}") from None
+        self._db = db
+        return db
+
+    def failed(self, exc: sqlite3.DatabaseError) -> BackendUnavailable:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            return BackendUnavailable(f"the sim state {self.path} stayed locked by another "
+                                      f"process for {BUSY_WAIT:.0f} s")
+        return BackendUnavailable(f"the sim state {self.path} is damaged ({exc}); "
+                                  "move it away to start again with the default simulated devices")
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True):
-        directory = os.path.dirname(os.path.abspath(self.path))
+        db = self.connect()
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot open the sim state {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-            state = self.read()
-            yield state
-            if write:
-                self.replace(state)
-        finally:
-            os.close(lock_fd)
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                read_as: dict[str, str] = {}
+                state = self._load(db, read_as)
+                yield state
+                if write:
+                    self._store(db, state, read_as)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise self.failed(exc) from None
 
-    def read(self) -> dict:
-        try:  # never blocking (a FIFO at the path), and only a regular file
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-            with os.fdopen(fd, "rb") as fh:
-                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                    raise BackendUnavailable(f"the sim state {self.path} is not a regular file")
-                raw = fh.read()
-        except FileNotFoundError:
-            return default_state()
-        except OSError as exc:
-            raise BackendUnavailable(f"cannot read the sim state {self.path}: {exc.strerror}") from None
-        try:
-            state = json.loads(raw)
-            if state.get("version") != STATE_VERSION or not isinstance(state.get("devices"), dict):
-                raise ValueError(f"expected a version {STATE_VERSION} state with devices")
-            if state.get("stack", DEFAULT_STACK) not in EMULATED:
-                raise ValueError(f"unknown stack {state['stack']!r}, not one of {', '.join(EMULATED)}")
-        except (ValueError, AttributeError) as exc:
-            raise BackendUnavailable(
-                f"the sim state {self.path} is damaged ({exc}); "
-                "move it away to start again with the default simulated devices"
-            ) from None
-        return state
+    def _load(self, db: sqlite3.Connection, read_as: dict[str, str]) -> dict:
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        if meta.get("version") != str(STATE_VERSION) or meta.get("stack") not in EMULATED:
+            raise sqlite3.DatabaseError(f"expected a version {STATE_VERSION} state of a known stack")
+        devices = {}
+        for name, text in db.execute("SELECT name, data FROM devices"):
+            device = json.loads(text)
+            device["services"] = Services(db, name)
+            devices[name], read_as[name] = device, text
+        read_as[""] = meta["stack"]
+        return {"version": STATE_VERSION, "stack": meta["stack"], "devices": devices}
 
-    def replace(self, state: dict) -> None:
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(state, fh, separators=(",", ":"))
-        os.replace(tmp, self.path)
+    def _store(self, db: sqlite3.Connection, state: dict, read_as: dict[str, str]) -> None:
+        """Write back what changed: `read_as` holds each device row's text as read."""
+        stack = state.get("stack", DEFAULT_STACK)
+        if read_as.get("") != stack:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?), ('stack', ?)",
+                       (str(state.get("version", STATE_VERSION)), stack))
+        for name in set(read_as) - {""} - set(state["devices"]):
+            db.execute("DELETE FROM devices WHERE name = ?", (name,))
+            db.execute("DELETE FROM services WHERE device = ?", (name,))
+        for name, device in state["devices"].items():
+            services = device["services"]
+            text = json.dumps({key: value for key, value in device.items() if key != "services"},
+                              separators=(",", ":"))
+            if text != read_as.get(name):
+                db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?)", (name, text))
+            if isinstance(services, Services):
+                services.write()
+            else:  # a whole device given as plain dicts (a new state, or tests seeding one)
+                db.execute("DELETE FROM services WHERE device = ?", (name,))
+                db.executemany("INSERT INTO services VALUES (?, ?, ?, ?, ?)", [
+                    row(name, int(svc_id), svc, json.dumps(svc, separators=(",", ":")))
+                    for svc_id, svc in services.items()])
+
+    def reset(self, state: dict) -> None:
+        """Replace the whole state (the devices, their services and the stack)."""
+        with self.transaction() as current:
+            current["devices"] = state["devices"]
+            current["stack"] = state.get("stack", DEFAULT_STACK)
+            current["version"] = state.get("version", STATE_VERSION)
 
 
 class SimDevice:
@@ -252,7 +410,7 @@ class SimDevice:
             if rules.unique_vnis and desc.restricted_vnis:
                 self._refuse_held_vnis(op, device, desc.vnis)
             limits = self._reserve(op, device, desc, rules)
-            used = {int(i) for i in device["services"]}
+            used = set(device["services"].ids())
             svc_id = next(i for i in range(DEFAULT_SVC_ID + 1, len(used) + 3) if i not in used)
             stored = desc_to_json(desc)
             stored["svc_id"] = svc_id
@@ -287,10 +445,10 @@ class SimDevice:
         """The driver's reserve_rsrcs: the reservations, in order, out of what no service
         reserves (TLEs not checked here), then the LE and TLE pools and the TLEs. The
         limits to keep, or NoResources with the fail_info the driver fills."""
-        totals, services = device["totals"], device["services"].values()
+        totals = device["totals"]
         limits = effective_limits(desc, totals, default=False)
-        free = {name: total - sum(svc["desc"]["limits"].get(name, [0, 0])[1] for svc in services)
-                for name, total in totals.items()}
+        reserved, le_pools_held, tle_pools_held = device["services"].usage(rules.le_pool_per_service)
+        free = {name: total - reserved[name] for name, total in totals.items()}
         asked = {name: Limit(*lim) for name, lim in limits.items()} if desc.resource_limits else {}
         avail = {}
 
@@ -305,21 +463,14 @@ class SimDevice:
                 raise short()
         les, tles = limits["les"], limits["tles"]
         if les[1] or (rules.le_pool_per_service and les[0]):
-            if not sum(1 for sid, svc in device["services"].items() if sid != str(DEFAULT_SVC_ID)
-                       and self._holds_le_pool(svc, rules)) < LE_POOLS - 1:
+            if not le_pools_held < LE_POOLS - 1:
                 raise short(no_le_pools=True)
         if tles != [0, 0]:
             if tles[1] > free["tles"]:
                 raise short()
-            if not sum(1 for svc in services if svc["desc"]["limits"].get("tles", [0, 0]) != [0, 0]
-                       ) < TLE_POOLS:
+            if not tle_pools_held < TLE_POOLS:
                 raise short(no_tle_pools=True)
         return limits
-
-    @staticmethod
-    def _holds_le_pool(svc: dict, rules: Emulated) -> bool:
-        mx, res = svc["desc"]["limits"].get("les", [0, 0])
-        return bool(res) or (rules.le_pool_per_service and bool(mx))
 
     def _refuse_held_vnis(self, op: str, device: dict, vnis) -> None:
         for svc in device["services"].values():
@@ -370,10 +521,21 @@ class SimDevice:
 
     def list_services(self, netns: bool = True) -> list[Service]:
         with self._device("cxil_get_svc_list", write=False) as (device, _):
-            bound = {int(sid): svc["netns"] for sid, svc in device["services"].items()}
-            services = [desc_from_json(svc["desc"]) for svc in device["services"].values()]
+            return self._listed(device["services"], netns)
+
+    def services_bound_to(self, inode: int) -> list[Service]:
+        with self._device("cxil_get_svc_list", write=False) as (device, _):
+            return self._listed(device["services"].where("netns = ?", inode), True)
+
+    def system_services(self) -> list[Service]:
+        with self._device("cxil_get_svc_list", write=False) as (device, _):
+            return self._listed(device["services"].where("system = 1"), False)
+
+    def _listed(self, services, netns: bool) -> list[Service]:
+        bound = {int(sid): svc["netns"] for sid, svc in services.items()}
+        descs = [desc_from_json(svc["desc"]) for svc in services.values()]
         return [Service(self.name, desc, self.stack.listed_netns(desc, bound.__getitem__) if netns else 0)
-                for desc in services]
+                for desc in descs]
 
     def totals(self) -> dict[str, int]:
         with self._device("totals", write=False) as (device, _):
