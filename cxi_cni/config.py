@@ -9,8 +9,10 @@ new process. Errors keep pydantic's shape (location, message, input)."""
 from __future__ import annotations
 
 import copy
+import functools
 import re
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 from . import nodepolicy
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
@@ -162,8 +164,16 @@ NETCONF_FIELDS = (
     Field("runtimeConfig", nullable(cs.dict_schema()), None),
 )
 VALIDATOR = SchemaValidator(strict_dict(NETCONF_FIELDS, extra="ignore"))
-POLICY_VALIDATOR = nodepolicy.policy_schema(VNI_LIST, list(VNI_SOURCES), ["libcxi", "sim"],
-                                            list(RESOURCES), list(TRAFFIC_CLASSES))
+
+
+@functools.cache
+def policy_validator():
+    """The node policy's schema, built only on a node that has a policy file."""
+    return nodepolicy.policy_schema(VNI_LIST, list(VNI_SOURCES), ["libcxi", "sim"],
+                                    list(RESOURCES), list(TRAFFIC_CLASSES))
+
+
+
 # Dotted field path -> its fix, for the error's details.
 FIXES = {**{f.name: f.fix for f in NETCONF_FIELDS}, **{f"cxi.{f.name}": f.fix for f in CXI_FIELDS}}
 
@@ -177,17 +187,21 @@ class LimitConf:
     per_cpu: int | None = None
 
 
-class LinkModes:
+class CxiConf(SimpleNamespace):
+    """The `cxi` object: one attribute per field of CXI_FIELDS, all set by the validator."""
+
+
+class NetConf(SimpleNamespace):
+    """The whole plugin configuration: one attribute per field of NETCONF_FIELDS, all set by
+    the validator. Unknown top-level keys are ignored, as CNI plugins do (runtimes add their
+    own); unknown keys inside `cxi` are refused. (Plain namespaces rather than dataclasses:
+    each dataclass costs its generated code at import, in every CNI process.)"""
+
     @property
     def link_mode(self) -> str:
         return self.mode or MODES[self.linkType][0]
 
 
-# The configuration objects: one attribute per declared field, nothing else to keep in step.
-CxiConf = make_dataclass("CxiConf", [f.name for f in CXI_FIELDS])
-NetConf = make_dataclass("NetConf", [f.name for f in NETCONF_FIELDS], bases=(LinkModes,))
-NetConf.__doc__ = ("The whole plugin configuration. Unknown top-level keys are ignored, as CNI "
-                   "plugins do (runtimes add their own); unknown keys inside `cxi` are refused.")
 
 
 def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, bool] | None:
@@ -315,7 +329,7 @@ def parse_conf(raw: dict, teardown: bool = False) -> NetConf:
         raise CniError(INVALID_CONFIG, f"invalid network configuration: {shown}",
                        "fix: " + fix_for(path))
     try:
-        conf.node_policy = nodepolicy.load(POLICY_VALIDATOR)
+        conf.node_policy = nodepolicy.load(policy_validator)
         if conf.node_policy is not None:
             conf.node_policy.bound(conf, teardown)
     except nodepolicy.PolicyError as exc:

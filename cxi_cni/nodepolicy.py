@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .schema import SchemaValidator, ValidationError, cs
@@ -119,9 +120,10 @@ def policy_path() -> str:
     return os.environ.get(PATH_ENV) or DEFAULT_PATH
 
 
-def load(validator: SchemaValidator) -> NodePolicy | None:
-    """The node policy, or None when the node has none. PolicyError when the file is not
-    root's alone or does not parse."""
+def load(validator: Callable[[], SchemaValidator]) -> NodePolicy | None:
+    """The node policy, or None when the node has none; `validator` makes its schema's
+    validator, when there is a file to check. PolicyError when the file is not root's
+    alone or does not parse."""
     path = policy_path()
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
@@ -143,7 +145,7 @@ def load(validator: SchemaValidator) -> NodePolicy | None:
     if len(raw) > MAX_SIZE:
         raise PolicyError("", f"the node policy {path} is larger than {MAX_SIZE} bytes")
     try:
-        data = validator.validate_python(json.loads(raw))
+        data = validator().validate_python(json.loads(raw))
     except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
         detail = exc.errors(include_url=False)[0] if isinstance(exc, ValidationError) else None
         key = ".".join(str(p) for p in detail["loc"]) if detail else ""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
 import ipaddress
 import logging
 import threading
@@ -17,6 +16,7 @@ from . import faults, ipam
 from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, CniError
 from .cni.version import SUPPORTED_VERSIONS, at_least, parse
+from .digest import attachment_digest
 from .errors import LINK_FAILURE
 from .link import LinkError, LinkInfo, Rtnl, configure
 from .logs import undo_step
@@ -31,7 +31,7 @@ MAX_NAMES_SHOWN = 12
 def temp_link_name(container_id: str, ifname: str) -> str:
     """The pod's link's name between its creation and its rename to CNI_IFNAME: fixed per
     attachment, so DEL and GC find it after an ADD killed in between."""
-    return "cxi" + hashlib.sha256(f"{container_id}\0{ifname}".encode()).hexdigest()[:11]
+    return "cxi" + attachment_digest(container_id, ifname)[:11]
 
 
 def creation_error(exc: LinkError, conf) -> CniError:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import stat
 import time
 
+from .digest import attachment_digest
 from .files import replace_file
 from .record import AttachmentRecord
 from .trust import UntrustedPath, check_parents
@@ -45,7 +45,7 @@ def flock_until(fd: int, deadline: float | None) -> None:
 
 
 def attachment_key(container_id: str, ifname: str) -> str:
-    return hashlib.sha256(f"{container_id}\0{ifname}".encode()).hexdigest()[:40]
+    return attachment_digest(container_id, ifname)[:40]
 
 
 class AttachmentStore:

@@ -180,14 +180,14 @@ def test_written_kubeconfig_reaches_the_api_server(tmp_path):
 
 
 def test_the_node_policy_is_one_the_plugin_loads_and_keeps_tenant_sources_off(tmp_path, monkeypatch):
-    from cxi_cni.config import POLICY_VALIDATOR
+    from cxi_cni.config import policy_validator
     from cxi_cni.nodepolicy import load
 
     data = only("ConfigMap", "cxi-cni-node-policy")["data"]["policy.json"]
     path = tmp_path / "policy.json"
     path.write_text(data)
     monkeypatch.setenv("CXI_CNI_POLICY", str(path))
-    policy = load(POLICY_VALIDATOR)
+    policy = load(policy_validator)
     assert "args" not in policy.vniSources and not policy.podVnis and policy.allowDefaultVni is False
     assert policy.backends == ["libcxi"] and policy.libcxi == ["libcxi.so.1"]
     assert KUBECONFIG_ON_HOST in policy.kubeconfig

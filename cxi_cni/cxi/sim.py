@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -320,7 +321,29 @@ class SimState:
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True):
+        """One call's transaction. Writers take turns on an flock first: a blocked flock
+        wakes the moment it is free, where SQLite's own busy wait polls with sleeps of up
+        to 100 ms, which stretched 64 ADDs at once by a third."""
         db = self.connect()
+        with self.turn(write):
+            yield from self._transaction(db, write)
+
+    @contextlib.contextmanager
+    def turn(self, write: bool):
+        if not write:  # readers never wait in WAL mode
+            yield
+            return
+        try:
+            fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot open the sim state {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _transaction(self, db: sqlite3.Connection, write: bool):
         try:
             db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
