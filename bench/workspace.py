@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cxi_cni.cxi.services import Binding  # noqa: E402
-from cxi_cni.cxi.sim import SimState  # noqa: E402
+from cxi_cni.cxi.simstate import SimState  # noqa: E402
 from cxi_cni.record import AttachmentRecord  # noqa: E402
 from cxi_cni.state import AttachmentStore  # noqa: E402
 

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-from .cxi.sim import STATE_VERSION, SimState, new_device
+from .cxi.simstate import STATE_VERSION, SimState, new_device
 
 IPAM_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 

@@ -156,7 +156,7 @@ class SimSetup:
     def seed(self, devices: dict, rgids_avail: int | None = None) -> None:
         """Devices as {name: (netdev, is_vf, totals dict or None)}, each with `rgids_avail`
         resource groups left (default: all of them)."""
-        from cxi_cni.cxi.sim import STATE_VERSION, SimState, new_device
+        from cxi_cni.cxi.simstate import STATE_VERSION, SimState, new_device
 
         state = {"version": STATE_VERSION, "stack": self.stack, "devices": {
             name: new_device(netdev, f"0000:{0x41 + i:02x}:00.0", vf=vf, totals=totals)

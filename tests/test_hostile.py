@@ -25,7 +25,7 @@ from cxi_cni.cni.skel import MAX_STDIN
 from cxi_cni.cni.version import SUPPORTED_VERSIONS
 from cxi_cni.config import CXI_FIELDS, NETCONF_FIELDS
 from cxi_cni.cxi.backend import BackendUnavailable
-from cxi_cni.cxi.sim import SimState
+from cxi_cni.cxi.simstate import SimState
 from cxi_cni.state import attachment_key
 
 WORKERS = 4
