@@ -104,21 +104,10 @@ class AttachmentStore:
     def records_in(self, inode: int) -> list[AttachmentRecord]:
         """The readable records of the namespace with this inode (damaged ones skipped)."""
         prefix = f"{inode}-"
-        try:
-            keys = [name[len(prefix):] for name in os.listdir(self.index) if name.startswith(prefix)]
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StateError(f"cannot list the index {self.index}: {exc.strerror}") from None
-        records = []
-        for key in keys:
-            try:
-                record = self._read(os.path.join(self.directory, key + ".json"))
-            except StateError:
-                continue
-            if record is not None and record.netns_inode == inode:
-                records.append(record)
-        return records
+        keys = [name[len(prefix):] for name in self._names(self.index, "the index")
+                if name.startswith(prefix)]
+        return [record for record in self._readable(key + ".json" for key in keys)
+                if record.netns_inode == inode]
 
     def _check_dir(self, path: str) -> None:
         try:
@@ -253,12 +242,20 @@ class AttachmentStore:
 
     def all(self) -> list[AttachmentRecord]:
         """Every readable record; damaged ones are skipped (they are reported on use)."""
+        names = sorted(n for n in self._names(self.directory, "state directory") if n.endswith(".json"))
+        return self._readable(names)
+
+    @staticmethod
+    def _names(folder: str, what: str) -> list[str]:
         try:
-            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
+            return os.listdir(folder)
         except FileNotFoundError:
             return []
         except OSError as exc:
-            raise StateError(f"cannot list state directory {self.directory}: {exc.strerror}") from None
+            raise StateError(f"cannot list {what} {folder}: {exc.strerror}") from None
+
+    def _readable(self, names) -> list[AttachmentRecord]:
+        """The records of these file names that exist and parse; damaged ones are skipped."""
         records = []
         for name in names:
             try:
