@@ -17,7 +17,7 @@ from .cni.errors import (
 from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, NoResources, VniInUse
 from .cxi.shape import LE_POOLS, TLE_POOLS
 from .netns import NetnsInvalid, NetnsMissing
-from .state import StateError
+from .state import AttachmentBusy, StateError
 
 CXI_FAILURE = 100  # a CXI driver call failed, or CHECK found a difference
 BACKEND_UNAVAILABLE = 101  # library, symbol or devices missing
@@ -98,18 +98,23 @@ def netns_error(exc: NetnsMissing | NetnsInvalid) -> CniError:
     return CniError(code, f"CNI_NETNS: {exc}", NETNS_FIX)
 
 
-def cni_error(exc: Exception, command: str) -> CniError | None:
-    """The CNI error for a failure of a layer below the plugin, or None if it is not one."""
+# The failures of the layers below that a plugin command turns into CNI errors.
+MAPPED = (StateError, AttachmentBusy, BackendUnavailable, CxiError, NetnsMissing, NetnsInvalid)
+
+
+def cni_error(exc: Exception, command: str) -> CniError:
+    """The CNI error for a failure of a layer below the plugin (one of MAPPED)."""
     if isinstance(exc, StateError):
         return CniError(STATE_FAILURE, str(exc), "fix or remove the file named")
+    if isinstance(exc, AttachmentBusy):
+        return CniError(TRY_AGAIN_LATER, "another command on the pod's network namespace or on "
+                        "this attachment held its lock too long", "the runtime will retry")
     if isinstance(exc, BackendUnavailable):
         code = NOT_AVAILABLE if command == "STATUS" else BACKEND_UNAVAILABLE
         return CniError(code, str(exc), "run `cxi doctor` on the node")
     if isinstance(exc, CxiError):
         return cxi_error(exc)
-    if isinstance(exc, (NetnsMissing, NetnsInvalid)):
-        return netns_error(exc)
-    return None
+    return netns_error(exc)
 
 
 def mapped(command_method):
@@ -119,7 +124,7 @@ def mapped(command_method):
     def wrapper(self, args):
         try:
             return command_method(self, args)
-        except (StateError, BackendUnavailable, CxiError, NetnsMissing, NetnsInvalid) as exc:
+        except MAPPED as exc:
             raise cni_error(exc, args.command) from None
 
     return wrapper

@@ -163,11 +163,11 @@ class AttachmentStore:
                 os.close(fd)
 
     @contextlib.contextmanager
-    def namespace_lock(self, netns_fd: int, timeout: float = NAMESPACE_WAIT):
+    def namespace_lock(self, netns_fd: int):
         """Exclusive lock of one network namespace, held on its nsfs file itself (every
         open of a namespace shares one inode), so ADDs of one pod's attachments take turns
-        and no lock file outlives the namespace. AttachmentBusy after `timeout` seconds."""
-        flock_until(netns_fd, time.monotonic() + timeout)
+        and no lock file outlives the namespace. AttachmentBusy after NAMESPACE_WAIT seconds."""
+        flock_until(netns_fd, time.monotonic() + NAMESPACE_WAIT)
         try:
             yield
         finally:

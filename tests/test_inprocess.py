@@ -129,3 +129,22 @@ def test_vni_sources_in_process(sim):
     conf.cxi.vniSources = ["cniArgs", "config"]
     assert resolve(conf, {"VNI": "801,802"}) == (801, 802)
     assert resolve(conf, {"VNI": "99"}) == (700,)  # outside cxi.allowedVnis: the next source
+
+
+def test_a_namespace_lock_held_too_long_is_try_again_later(sim, netns, monkeypatch):
+    """Another ADD of the pod holds its namespace past the wait: code 11 (the runtime
+    retries), not an internal error, and nothing of this ADD is left."""
+    import fcntl
+
+    from cxi_cni import state
+
+    monkeypatch.setattr(state, "NAMESPACE_WAIT", 0.2)
+    holder = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        rc, out, _ = dispatch("ADD", sim.conf(cxi={"vnis": [321]}), netns)
+    finally:
+        os.close(holder)
+    assert rc != 0 and out["code"] == 11, out
+    assert "held its lock too long" in out["msg"] and "retry" in out["details"]
+    assert sim.services() == [] and sim.records() == []
