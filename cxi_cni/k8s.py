@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .kubeapi import ApiClient, KubeError, KubeUnavailable
 from .kubeconfig import SERVICE_ACCOUNT_DIR, load_access
+from .kubenames import OBJECT_NAME_RE, OBJECT_NAME_RULE
 
 __all__ = ["KubeError", "KubeUnavailable", "SERVICE_ACCOUNT_DIR", "PodReplaced", "OwnerMismatch",
            "PodFacts", "PodLookup", "pod_vnis"]
@@ -108,6 +109,9 @@ class PodLookup:
             if plural is None or not uid:
                 return None
             kind, name = ref.get("kind"), str(ref.get("name") or "")
+            if not OBJECT_NAME_RE.match(name):  # tenant-written: it must not steer the path
+                raise OwnerMismatch(f"the ownerReference to {kind} names {name[:64]!r}, which is not "
+                                    f"{OBJECT_NAME_RULE}")
             owner = self.api.get(f"{api_prefix(ref['apiVersion'])}/namespaces/{self.namespace}/"
                                  f"{plural}/{name}")
             if owner is None:  # the owner is gone (being deleted): nothing further up to ask

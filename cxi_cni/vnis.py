@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .errors import KUBE_FAILURE, POLICY_REFUSED
+from .kubenames import NAMESPACE_RE, NAMESPACE_RULE, OBJECT_NAME_RE, OBJECT_NAME_RULE
 from .lazy import lazy
 from .vniset import VniSet
 
 log = logging.getLogger("cxi_cni.vnis")
 k8s = lazy("cxi_cni.k8s")  # only pods looked up in the API use it
 
-# Kubernetes object names: a namespace is an RFC 1123 label, a pod name a DNS subdomain.
-NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-POD_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 KUBE_TIMEOUT = 5.0
 
 
@@ -39,8 +36,8 @@ class Found:
 def check_pod_names(namespace: str, pod: str) -> None:
     """The names go into API paths: refuse anything that is not a Kubernetes name."""
     for key, value, pattern, rule in (
-        ("K8S_POD_NAMESPACE", namespace, NAMESPACE_RE, "an RFC 1123 label (a-z, 0-9, '-', at most 63)"),
-        ("K8S_POD_NAME", pod, POD_NAME_RE, "a DNS subdomain (a-z, 0-9, '-', '.', at most 253)"),
+        ("K8S_POD_NAMESPACE", namespace, NAMESPACE_RE, NAMESPACE_RULE),
+        ("K8S_POD_NAME", pod, OBJECT_NAME_RE, OBJECT_NAME_RULE),
     ):
         if not pattern.match(value):
             raise CniError(INVALID_ENV, f"CNI_ARGS {key}={value[:64]!r} is not a Kubernetes name",

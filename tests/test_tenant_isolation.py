@@ -151,6 +151,20 @@ def test_a_reference_out_of_the_pods_namespace_is_never_followed(cni, sim, netns
     assert not any("/namespaces/team-d/" in path for path in api.requests)
 
 
+@pytest.mark.parametrize("name", ["../../../team-d/jobs/train", "train/../../../../team-d/jobs/train",
+                                  "train%2F..", "Train", "train\n"])
+def test_an_owner_name_that_is_not_a_kubernetes_name_never_reaches_a_path(cni, sim, netns, api,
+                                                                          kubeconfig, name):
+    """ownerReferences are written by whoever writes the pod: their name must not steer the GET."""
+    elsewhere, _ = job_pod(api, "train", vni=OTHER_JOBS_VNI, namespace="team-d")
+    pod = bare_pod(api, "climber", [job_ref(name, elsewhere["metadata"]["uid"])])
+    err = cni("ADD", conf_for(sim, kubeconfig, vniPolicy="required"), netns=netns,
+              cni_args=pod_args(pod)).error(107)
+    assert "ownerReference to Job names" in err["msg"] and "DNS subdomain" in err["msg"]
+    nothing_made(sim)
+    assert api.requests and not any("/jobs/" in path for path in api.requests)
+
+
 @pytest.mark.parametrize("vni", [1, 50])
 def test_vni_1_and_out_of_range_vnis_from_each_source(cni, sim, make_netns, api, kubeconfig, vni):
     config = sim.conf(cxi={"vnis": [vni]})
