@@ -21,7 +21,7 @@ from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
 from .cxi.shape import MAX_LNIS_PER_RGID, SLURM_MAX
 from .cxi.stacks import CHOICES as STACKS
 from .schema import SchemaValidator, ValidationError, cs
-from .vniset import VniSet
+from .vniset import VniSet, refusal
 
 MODES = {"ipvlan": ("l2", "l3", "l3s"), "macvlan": ("bridge", "private", "vepa", "passthru")}
 IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
@@ -94,7 +94,7 @@ CXI_FIELDS = (
         'set cxi.devices to "all", "master" or a list like ["cxi0", "cxi1"]'),
     Field("vnis", cs.list_schema(cs.int_schema(ge=1, le=65535, strict=True), max_length=4), [],
           "cxi.vnis is a list of 1 to 4 integers within cxi.allowedVnis (VNI 1 only with "
-          "cxi.allowDefaultVni: true)"),
+          "cxi.allowDefaultVni: true and 1 in cxi.allowedVnis)"),
     Field("allowDefaultVni", cs.bool_schema(), False),
     Field("vniSources", cs.list_schema(cs.literal_schema(list(VNI_SOURCES))), ["kubernetes", "config"],
           "cxi.vniSources is an ordered list among " + ", ".join(VNI_SOURCES)
@@ -233,18 +233,14 @@ def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, b
     for key in ("allowedVnis", "podVnis"):
         if isinstance(getattr(conf.cxi, key), str):
             return f"cxi.{key}", getattr(conf.cxi, key), True
-    outside = [v for v in conf.cxi.vnis if v not in conf.cxi.allowedVnis and v != 1]
-    if outside and not teardown:
-        return "cxi.vnis", (f"VNI {outside[0]} is outside cxi.allowedVnis "
-                            f"({conf.cxi.allowedVnis})"), True
+    reason = None if teardown else refusal(conf.cxi.vnis, conf.cxi.allowedVnis, conf.cxi.allowDefaultVni)
+    if reason:
+        return "cxi.vnis", reason, True
     if conf.mode is not None and conf.mode not in MODES[conf.linkType]:
         return "mode", (f"mode {conf.mode!r} is not a {conf.linkType} mode "
                         f"({', '.join(MODES[conf.linkType])})"), False
     if conf.cxi.devices == "master" and not conf.master:
         return "cxi.devices", 'cxi.devices is "master" but no master is set', False
-    if 1 in conf.cxi.vnis and not conf.cxi.allowDefaultVni and not teardown:
-        return "cxi.vnis", ("cxi.vnis holds VNI 1, the default service's VNI shared by every "
-                            "process; set cxi.allowDefaultVni: true to use it anyway"), False
     if conf.master and conf.ipam is None:
         return "ipam", "master is set but ipam is missing: the link needs addresses", False
     if conf.ipam is not None and not isinstance(conf.ipam.get("type"), str):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .schema import SchemaValidator, ValidationError, cs
 from .trust import UntrustedPath, check_file, check_parents
-from .vniset import VniSet
+from .vniset import VniSet, refusal
 
 DEFAULT_PATH = "/etc/cxi-cni/policy.json"
 PATH_ENV = "CXI_CNI_POLICY"  # moves the file, for tests and debugging
@@ -99,12 +99,9 @@ class NodePolicy:
         if teardown:
             cxi.vniSources = [s for s in cxi.vniSources if s in (self.vniSources or cxi.vniSources)]
             return
-        outside = [v for v in cxi.vnis if v not in cxi.allowedVnis and v != 1]
-        if outside:
-            raise PolicyError("cxi.vnis", f"VNI {outside[0]} is outside the VNIs {where} and "
-                              f"cxi.allowedVnis allow ({cxi.allowedVnis})")
-        if 1 in cxi.vnis and not cxi.allowDefaultVni:
-            raise PolicyError("cxi.vnis", f"VNI 1 is not allowed by {where}")
+        reason = refusal(cxi.vnis, cxi.allowedVnis, cxi.allowDefaultVni)
+        if reason:
+            raise PolicyError("cxi.vnis", f"{reason}, as narrowed by {where}")
 
     @staticmethod
     def _member(field: str, chosen: list[str], allowed: list[str] | None, where: str) -> None:

@@ -14,7 +14,7 @@ from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, UNKNOWN_CO
 from .errors import KUBE_FAILURE, POLICY_REFUSED
 from .kubenames import NAMESPACE_RE, NAMESPACE_RULE, OBJECT_NAME_RE, OBJECT_NAME_RULE
 from .lazy import lazy
-from .vniset import VniSet
+from .vniset import VniSet, refusal
 
 log = logging.getLogger("cxi_cni.vnis")
 k8s = lazy("cxi_cni.k8s")  # only pods looked up in the API use it
@@ -99,12 +99,9 @@ class VniResolver:
     def admit(self, vnis: tuple[int, ...], found: Found) -> tuple[int, ...]:
         """The admin's policy: every VNI within cxi.allowedVnis, VNI 1 only when allowed,
         and a pod-chosen VNI only within cxi.podVnis or its Namespace's allow-list."""
-        for vni in vnis:
-            if vni == 1 and not self.cxi.allowDefaultVni:
-                raise Refused("VNI 1 is the default service's VNI that every process shares "
-                              "(cxi.allowDefaultVni is false)")
-            if vni not in self.cxi.allowedVnis:
-                raise Refused(f"VNI {vni} is outside cxi.allowedVnis ({self.cxi.allowedVnis})")
+        reason = refusal(vnis, self.cxi.allowedVnis, self.cxi.allowDefaultVni)
+        if reason:
+            raise Refused(reason)
         if found.pod_written:
             allowed = self.cxi.podVnis | self.namespace_pod_vnis()
             outside = [v for v in vnis if v not in allowed]

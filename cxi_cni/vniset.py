@@ -1,5 +1,6 @@
 """Sets of VNIs as admins write them: numbers and ranges, like ["100-65534"] in the
-configuration or "2000-2099,3000" in a Namespace annotation."""
+configuration or "2000-2099,3000" in a Namespace annotation; and the one rule every VNI
+from every source meets (`refusal`)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,19 @@ class VniSet:
 
     def __str__(self) -> str:
         return ",".join(f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges) or "none"
+
+
+DEFAULT_VNI = 1  # the default service's VNI, which every process of the node shares
+
+
+def refusal(vnis, allowed: VniSet, allow_default: bool) -> str | None:
+    """Why the first refused of `vnis` may not be used, or None: every VNI must be in
+    `allowed` (cxi.allowedVnis, already narrowed by the node policy), and VNI 1 must in
+    addition be allowed by name (cxi.allowDefaultVni)."""
+    for vni in vnis:
+        if vni == DEFAULT_VNI and not (allow_default and vni in allowed):
+            return (f"VNI 1 is the default service's VNI, which every process shares: it needs "
+                    f"cxi.allowDefaultVni true and 1 in cxi.allowedVnis ({allowed})")
+        if vni not in allowed:
+            return f"VNI {vni} is outside cxi.allowedVnis ({allowed})"
+    return None

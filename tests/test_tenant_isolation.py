@@ -309,3 +309,18 @@ def test_a_node_policy_that_cannot_be_trusted_is_refused(cni, sim, netns, node_p
     err = cni("ADD", sim.conf(), netns=netns, env=env).error(7)
     assert str(path) in err["msg"] and "policy" in err["details"]
     nothing_made(sim)
+
+
+def test_vni_1_needs_the_admins_allowed_vnis_too(cni, sim, make_netns, node_policy):
+    """A NAD may set allowDefaultVni itself; VNI 1 still has to be in the VNIs the node
+    policy allows, at configuration time and whatever vniPolicy says."""
+    env = node_policy(allowedVnis=["4000-4999"])
+    for policy in ("fallback", "required"):
+        nad = sim.conf(cxi={"vnis": [1], "allowDefaultVni": True, "vniPolicy": policy})
+        err = cni("ADD", nad, netns=make_netns(), env=env).error(7)
+        assert "VNI 1 is the default service" in err["msg"] and "cxi.vnis" in err["msg"]
+        nothing_made(sim)
+    err = cni("ADD", sim.conf(cxi={"vnis": [1], "allowDefaultVni": True}), netns=make_netns()).error(7)
+    assert "1 in cxi.allowedVnis (100-65534)" in err["msg"]  # the default holds it not
+    admitted = sim.conf(cxi={"vnis": [1], "allowDefaultVni": True, "allowedVnis": ["1", "100-65534"]})
+    assert cni("ADD", admitted, netns=make_netns()).ok().json["cxi"]["vnis"] == [1]
