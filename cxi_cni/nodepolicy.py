@@ -39,10 +39,12 @@ def policy_schema(vni_list: dict, sources: list[str], backends: list[str], resou
     ceiling = cs.typed_dict_schema({"max": opt(count), "res": opt(count)}, extra_behavior="forbid")
     return SchemaValidator(cs.typed_dict_schema({
         "limits": opt(cs.dict_schema(cs.literal_schema(resources), ceiling)),
-        "tcs": opt(cs.list_schema(cs.literal_schema(tcs))),
+        # An empty list of traffic classes or sources would read as "no bound" where a
+        # configuration's own empty list means "all": a policy names at least one.
+        "tcs": opt(cs.list_schema(cs.literal_schema(tcs), min_length=1)),
         "allowedVnis": opt(vni_list),
         "podVnis": opt(vni_list),
-        "vniSources": opt(cs.list_schema(cs.literal_schema(sources))),
+        "vniSources": opt(cs.list_schema(cs.literal_schema(sources), min_length=1)),
         "allowDefaultVni": opt(cs.bool_schema()),
         "maxServicesPerPod": opt(cs.int_schema(ge=1, le=64, strict=True)),
         "backends": opt(cs.list_schema(cs.literal_schema(backends))),

@@ -290,7 +290,7 @@ def test_del_removes_what_was_made_before_a_stricter_policy(cni, sim, netns, nod
 
 
 @pytest.mark.parametrize("flaw", ["writable by others", "owned by another user", "not JSON",
-                                  "unknown key", "symlink"])
+                                  "unknown key", "symlink", "tcs", "vniSources"])
 def test_a_node_policy_that_cannot_be_trusted_is_refused(cni, sim, netns, node_policy, flaw):
     env = node_policy(allowedVnis=["100-999"])
     path = node_policy.path
@@ -302,12 +302,15 @@ def test_a_node_policy_that_cannot_be_trusted_is_refused(cni, sim, netns, node_p
         path.write_text("{")
     elif flaw == "unknown key":
         path.write_text(json.dumps({"allowedVnis": ["100-999"], "zz": 1}))
+    elif flaw in ("tcs", "vniSources"):  # an empty list would read as "no bound" somewhere
+        path.write_text(json.dumps({flaw: []}))
     else:
         target = path.with_name("real.json")
         path.rename(target)
         path.symlink_to(target)
     err = cni("ADD", sim.conf(), netns=netns, env=env).error(7)
     assert str(path) in err["msg"] and "policy" in err["details"]
+    assert flaw not in ("tcs", "vniSources") or flaw in err["msg"]
     nothing_made(sim)
 
 
