@@ -10,6 +10,7 @@ object only when it belongs to that owner."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -180,14 +181,17 @@ def pod_cpus(spec: dict) -> float | None:
                 if cpus is not None:
                     total, seen = total + cpus, True
         if seen:
-            return total
+            return total if math.isfinite(total) else None
     return None
 
 
 def cpu_quantity(value) -> float | None:
-    """A Kubernetes CPU quantity ("2", "500m", 1.5) in CPUs; None if it is not one."""
+    """A Kubernetes CPU quantity ("2", "500m", 1.5) in CPUs; None if it is not a finite,
+    positive one (the pod's author writes it: "nan", "-3" or "1e400" must not reach the
+    shape's arithmetic, whatever the API server let through)."""
     text = str(value).strip()
     try:
-        return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+        cpus = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
     except ValueError:
         return None
+    return cpus if math.isfinite(cpus) and cpus > 0 else None

@@ -19,6 +19,7 @@ from conftest import DEFAULT_STACK, SimSetup, libcxi_setup
 from kube_apiserver import new_object, pod_args
 
 from cxi_cni.cxi.backend import Limit, ServiceDesc
+from cxi_cni.cxi.shape import SLURM_MAX
 
 CASSINI = {"ptes": 2048, "txqs": 1024, "tgqs": 512, "eqs": 2047, "cts": 2047, "les": 16384,
            "tles": 2048, "acs": 1022}
@@ -264,3 +265,21 @@ def test_the_node_policy_caps_limits_and_traffic_classes(cni, sim, make_netns, n
     assert "cxi.tcs: traffic class dedicated_access is not allowed by the node policy" in err["msg"]
     cni("ADD", sim.conf(), netns=make_netns(), container_id="all-tcs", env=env).ok()
     assert {s.desc.tcs for s in sim.services()} == {frozenset({"low_latency", "best_effort"})}
+
+
+@pytest.mark.parametrize("quantity", ["-3", "1e400", "nan", "inf", "1e30", "0", ["1e308", "1e308"]])
+def test_a_cpu_quantity_that_is_no_count_of_cpus_falls_back_to_cxi_cpus(cni, sim, netns, api,
+                                                                       kubeconfig, quantity):
+    """The pod's author writes its CPU quantities: one that is not a finite, positive number
+    of CPUs (the API server refuses most, this plugin does not rely on that) counts as none;
+    a huge one is held to the NIC, like any other reservation."""
+    spec = {"containers": [{"name": f"c{i}", "resources": {"limits": {"cpu": cpu}}}
+                           for i, cpu in enumerate(quantity if isinstance(quantity, list) else [quantity])]}
+    pod = new_object("v1", "Pod", NS, "odd-cpus", spec=spec)
+    api.add(pod)
+    conf = sim.conf(kubeconfig=kubeconfig, cxi={"cpus": 2, "limits": {"les": {"def": 16}}})
+    cni("ADD", conf, netns=netns, cni_args=pod_args(pod)).ok()
+    expected = SLURM_MAX["les"] if quantity == "1e30" else 32
+    assert {s.desc.limits["les"].res for s in sim.services()} == {expected}
+    cni("DEL", conf, netns=netns, cni_args=pod_args(pod)).ok()
+    nothing_made(sim)

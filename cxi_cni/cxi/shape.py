@@ -77,12 +77,12 @@ class Shape:
     def lnis_per_rgid_for(self, rgids_avail: int | None, devices: int) -> int:
         """LNIs per resource group: the configured number, or as Slurm computes it: one,
         unless the pod's CPUs spread over its devices exceed the resource groups a device
-        has left (sysfs rgids_avail), then as many as it takes."""
+        has left (sysfs rgids_avail), then as many as it takes, at most the driver's 8."""
         if self.lnis_per_rgid is not None:
             return self.lnis_per_rgid
         if not rgids_avail or devices < 1:
             return 1
-        return max(1, math.ceil(self.cpus / (devices * rgids_avail)))
+        return min(MAX_LNIS_PER_RGID, max(1, math.ceil(self.cpus / (devices * rgids_avail))))
 
 
 def headroom(totals: dict[str, int], system: list[tuple[Service, dict[str, int] | None]],
