@@ -11,7 +11,7 @@ from .cni.args import CmdArgs
 from .cni.errors import INVALID_CONFIG, NOT_AVAILABLE, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .cni.version import merge_results
 from .cxi.backend import NoResources, Service, VniInUse
-from .cxi.services import NO_RETRY, Binding, bind_netns, bound_services, destroy, differences
+from .cxi.services import Binding, bind_netns, bound_services, differences, roll_back
 from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, no_resources_error, vni_in_use_error
 from .gc import collect
 from .invocation import Invocation
@@ -51,7 +51,7 @@ class CxiPlugin:
                 inv.store.save(record)
                 faults.point("after-record")
                 with ExitStack() as undo:
-                    undo.callback(inv.store.remove, args.container_id, args.ifname)
+                    undo.callback(self._drop_record, inv, record)
                     ours = link.make(inv.conf, args, netns, undo) if link else {}
                     bindings = self._bind(inv, record, spec, undo)
                     result = merge_results(args.prev_result, ours)
@@ -87,19 +87,31 @@ class CxiPlugin:
             try:
                 bindings = bind_netns(inv.backend, record.devices, record.netns_inode, spec, made,
                                       faults.point)
-            except VniInUse as exc:
-                record.services = []  # bind_netns destroyed them
-                raise vni_in_use_error(exc, inv.store.all()) from None
-            except NoResources as exc:
-                record.services = []
-                pods = {s.netns_inode for s in bound_services(inv.backend, [exc.device])}
-                raise no_resources_error(exc, len(pods), spec.shape) from None
-            except BaseException:
-                record.services = []
+            except BaseException as exc:
+                record.services = list(getattr(exc, "undestroyed", ()))  # the rest is gone
+                if isinstance(exc, VniInUse):
+                    raise vni_in_use_error(exc, inv.store.all()) from None
+                if isinstance(exc, NoResources):
+                    pods = {s.netns_inode for s in bound_services(inv.backend, [exc.device])}
+                    raise no_resources_error(exc, len(pods), spec.shape) from None
                 raise
-        undo.callback(logs.undo_step, "destroy the pod's services", destroy, inv.backend,
-                      bindings, record.netns_inode, NO_RETRY)
+
+        def undo_services() -> None:
+            record.services = roll_back(inv.backend, record.services, record.netns_inode)
+
+        undo.callback(logs.undo_step, "destroy the pod's services", undo_services)
         return bindings
+
+    @staticmethod
+    def _drop_record(inv: Invocation, record: AttachmentRecord) -> None:
+        """Undo's last step: the record goes, unless it still names services the rollback
+        could not destroy; then it stays, incomplete, so DEL (which the runtime sends after
+        a failed ADD) or GC destroys them. Nothing made is ever left without a record."""
+        if not record.services:
+            inv.store.remove(record.container_id, record.ifname)
+            return
+        record.allocating, record.complete = None, False
+        logs.undo_step("keep the record of the services left", inv.store.save, record)
 
     @mapped
     def delete(self, args: CmdArgs) -> None:

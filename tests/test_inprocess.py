@@ -148,3 +148,69 @@ def test_a_namespace_lock_held_too_long_is_try_again_later(sim, netns, monkeypat
     assert rc != 0 and out["code"] == 11, out
     assert "held its lock too long" in out["msg"] and "retry" in out["details"]
     assert sim.services() == [] and sim.records() == []
+
+
+def busy_after_alloc(sim, monkeypatch, fail_on: str | None):
+    """Each service is in use by an LNI right after its alloc (so it cannot be destroyed),
+    and the alloc on device `fail_on` fails as if the NIC had no room."""
+    import errno
+
+    from cxi_cni.cxi.backend import CxiError
+    from cxi_cni.cxi.sim import SimDevice
+
+    alloc = SimDevice.alloc_svc
+
+    def alloc_then_busy(self, desc):
+        if self.name == fail_on:
+            raise CxiError("cxil_alloc_svc", self.name, errno.ENOSPC, "no room")
+        svc_id = alloc(self, desc)
+        sim.set_busy(self.name, svc_id, 1)
+        return svc_id
+
+    monkeypatch.setattr(SimDevice, "alloc_svc", alloc_then_busy)
+
+
+def test_a_service_the_rollback_cannot_destroy_stays_on_record(sim, netns, monkeypatch):
+    """ADD fails on cxi1 after cxi0's service was made, and that service is in use: the
+    record keeps it (incomplete), and the DEL the runtime sends destroys it once free."""
+    busy_after_alloc(sim, monkeypatch, fail_on="cxi1")
+    conf = sim.conf(cxi={"vnis": [321], "destroyRetries": 0})
+    rc, out, _ = dispatch("ADD", conf, netns)
+    assert rc != 0 and "cxi1" in out["msg"], out
+    [left] = sim.services()
+    [record] = sim.records()
+    assert left.device == "cxi0" and record["complete"] is False
+    assert [(s["device"], s["svcId"]) for s in record["services"]] == [("cxi0", left.svc_id)]
+    assert dispatch("DEL", conf, netns)[0] != 0  # still in use: DEL fails and keeps it
+    assert sim.records() and sim.services()
+    sim.set_busy("cxi0", left.svc_id, 0)
+    assert dispatch("DEL", conf, netns)[0] == 0
+    assert sim.services() == [] and sim.records() == []
+
+
+def test_services_a_failed_last_step_cannot_destroy_stay_on_record(sim, netns, monkeypatch):
+    """Every service is made, then writing the complete record fails (a full disk): the
+    services that cannot be destroyed stay named by the record written before."""
+    from cxi_cni.state import AttachmentStore, StateError
+
+    busy_after_alloc(sim, monkeypatch, fail_on=None)
+    save = AttachmentStore.save
+
+    def save_until_complete(self, record):
+        if record.complete:  # as save() says a full disk
+            raise StateError("cannot write state record: No space left on device")
+        save(self, record)
+
+    monkeypatch.setattr(AttachmentStore, "save", save_until_complete)
+    conf = sim.conf(cxi={"vnis": [321]})
+    rc, out, _ = dispatch("ADD", conf, netns)
+    assert rc != 0 and out["code"] == 102, out
+    [record] = sim.records()
+    assert record["complete"] is False
+    assert sorted((s["device"], s["svcId"]) for s in record["services"]) == sorted(
+        (s.device, s.svc_id) for s in sim.services())
+    monkeypatch.undo()
+    for svc in sim.services():
+        sim.set_busy(svc.device, svc.svc_id, 0)
+    assert dispatch("DEL", conf, netns)[0] == 0
+    assert sim.services() == [] and sim.records() == []

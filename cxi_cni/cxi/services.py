@@ -84,7 +84,9 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
     """On each device: alloc and bind the way the backend's stack does it (the call stacks:
     alloc, disable, set netns, enable; the member stack: alloc with the namespace as its
     member), with the limits the spec's shape gives there and, when the pod's CPUs need
-    it, resource groups shared by several LNIs. On any failure destroy everything made here.
+    it, resource groups shared by several LNIs. On any failure destroy everything made here;
+    what cannot be destroyed is on the exception as `undestroyed` (a list of Binding), for
+    the caller to keep on record.
 
     `on_made(None, device)` is called before each alloc and `on_made(binding, device)`
     after it, so the caller can record the intent and then the id (a crash in between
@@ -107,13 +109,20 @@ def bind_netns(backend: Backend, devices: Iterable[str], inode: int, spec: Servi
                 dev.stack.enable(dev, svc_id)
             finally:
                 dev.close()
-    except BaseException:
-        leftovers = destroy(backend, made, inode, NO_RETRY)
-        for binding, exc in leftovers:
-            log.error("rollback could not destroy service %s on %s: %s",
-                      binding.svc_id, binding.device, exc)
+    except BaseException as exc:
+        exc.undestroyed = roll_back(backend, made, inode)
         raise
     return made
+
+
+def roll_back(backend: Backend, bindings: Iterable[Binding], inode: int) -> list[Binding]:
+    """Destroy the services a failed ADD made (at once: nothing can use them yet); log and
+    return those that could not be destroyed, which must stay on record for DEL or GC."""
+    failures = destroy(backend, bindings, inode, NO_RETRY)
+    for binding, exc in failures:
+        log.error("rollback could not destroy service %s on %s, kept on record: %s",
+                  binding.svc_id, binding.device, exc)
+    return [binding for binding, _ in failures]
 
 
 def share_rgids(dev, svc_id: int, shape: Shape | None, devices: int) -> None:
