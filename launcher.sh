@@ -37,6 +37,11 @@ kill_at() {  # the tests' kill points, as in the plugin (CXI_CNI_DEBUG_KILL_AT=S
 in_use() {  # does a live process map, hold open or stand in a folder named $1? Matched by
   # name, so a process in another mount namespace that sees the folder elsewhere counts too.
   [ -r /proc/self/maps ] || return 0  # no /proc to tell: keep everything
+  # Only the host's PID namespace shows every process (its PID 2 is kthreadd); run from a
+  # container without hostPID, the host's runs of an old version are invisible: keep it.
+  k=
+  read -r k 2>/dev/null < /proc/2/comm
+  [ "$k" = kthreadd ] || return 0
   { cat /proc/[0-9]*/maps; ls -l /proc/[0-9]*/cwd /proc/[0-9]*/fd; } 2>/dev/null |
     grep -q -F "/$1"
 }
@@ -93,6 +98,7 @@ unpack() {  # the first run of this version on this node: sets d to the unpacked
   [ -z "$missing" ] || fail 106 "the first run unpacks the program and needs:$missing" \
     "install them (flock is in util-linux; the others in coreutils, tar, gzip, grep, sed)"
   tried=
+  given=$(umask)  # the caller's, for the program: unpacking and the lock set their own
   for root in "$here" "$fallback"; do
     d=$root/.cxi-$id
     umask 022
@@ -105,7 +111,7 @@ unpack() {  # the first run of this version on this node: sets d to the unpacked
       tried="$tried; cannot create $root/.cxi.lock"
       continue
     fi
-    { extract && return 0; } 9>> "$root/.cxi.lock"
+    { extract && umask "$given" && return 0; } 9>> "$root/.cxi.lock"
   done
   fail 106 "cannot unpack the program: ${tried#; }" \
     "give it a folder that is writable by root and allows execution: $here or $fallback"

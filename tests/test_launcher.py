@@ -311,3 +311,47 @@ def test_waits_for_a_run_that_unpacks(ns, cxi_bin, launched, tmp_path):
         for run in runs:
             version_ok(run.result())
     assert copies(ns, folder) == [launched.folder]
+
+
+def test_the_program_runs_with_the_callers_umask(ns, cxi_bin, launched, tmp_path, sim):
+    """The launcher sets umasks of its own to unpack (022) and for its lock (077); the program
+    and what it starts get the caller's back, on the run that unpacks and on one that waited
+    while another unpacked. The log file, created 0640 less the umask, shows which it got."""
+    folder, other = tmp_path / "bin", tmp_path / "other"
+    binary = ns.bin_dir(folder, cxi_bin)
+    ns.bin_dir(other, cxi_bin)
+    version_ok(ns.cni(f"{other}/cxi"))  # a complete copy to hand over while a run waits
+
+    def status(umask: str, log: str) -> int:
+        prefix = (*ns.enter, "sh", "-c", f'umask {umask}; exec "$0"')
+        run_cni(binary, "STATUS", sim.conf("1.1.0", logFile=str(tmp_path / log)), prefix=prefix).ok()
+        return (tmp_path / log).stat().st_mode & 0o777
+
+    assert status("077", "unpacking.log") == 0o600
+    ns.sh(f"rm -rf {folder}/{launched.folder}")
+    lock = ns.hold_lock(folder)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(status, "022", "waited.log")
+        time.sleep(1)
+        ns.sh(f"cp -a {other}/{launched.folder} {folder}/")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        assert waiting.result() == 0o640
+    assert status("027", "fast.log") == 0o640 and status("077", "fast2.log") == 0o600
+
+
+def test_a_run_that_cannot_see_the_hosts_processes_removes_no_version(ns, cxi_bin, launched,
+                                                                       tmp_path):
+    """From a PID namespace of its own (a pod without hostPID that has the bin dir), a
+    process of the host using an old version is invisible: the old version stays."""
+    folder = tmp_path / "bin"
+    binary = ns.bin_dir(folder, cxi_bin)
+    version_ok(ns.cni(binary))
+    here, old = f"{folder}/{launched.folder}", f"{folder}/.cxi-{0xC0:016x}"
+    ns.sh(f"cp -a {here} {old} && rm -rf {here}")
+    holder = ns.spawn(f"cd {old} && exec sleep 600")
+    wait_for(lambda: os.readlink(f"/proc/{holder.pid}/cwd") == old, "the holder")
+    pod = (*ns.enter, "unshare", "--pid", "--fork", "--mount-proc")
+    version_ok(run_cni(binary, "VERSION", VERSION_CONF, prefix=pod))
+    assert sorted(copies(ns, folder)) == sorted([launched.folder, old.rsplit("/", 1)[1]])
+    holder.kill()
+    holder.wait()
