@@ -71,6 +71,15 @@ def require_master(conf, rtnl: Rtnl, where: str) -> LinkInfo:
     return master
 
 
+def host_master(conf) -> LinkInfo | None:
+    """The master on this node, held to what ADD requires of it (CniError, LinkError);
+    None when linkInContainer puts it in each pod's namespace, where only ADD can look."""
+    if conf.linkInContainer:
+        return None
+    with Rtnl() as host:
+        return require_master(conf, host, "on this node")
+
+
 def master_place(conf, netns: Netns) -> str:
     return (f"in the pod's network namespace {netns.path} (linkInContainer is true)"
             if conf.linkInContainer else "on this node")
@@ -234,9 +243,7 @@ def status(conf, args: CmdArgs) -> None:
     """STATUS: the master is present (unless it lives in pod namespaces) and the IPAM
     plugin answers STATUS, when its VERSION says it knows spec 1.1.0."""
     try:
-        if not conf.linkInContainer:
-            with Rtnl() as host:
-                require_master(conf, host, "on this node")
+        host_master(conf)
         if ipam.supports(args, "1.1.0"):
             ipam.status(args)
         else:
