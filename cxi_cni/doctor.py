@@ -221,9 +221,7 @@ def policy_check(conf) -> tuple[bool | str, str]:
     if policy is None:
         return WARN, (f"node policy: none at {policy_path()}; every network configuration (a "
                       "tenant's NAD too) is trusted as the admin's (SECURITY.md)")
-    bounds = {key: getattr(policy, key) for key in ("allowedVnis", "podVnis", "vniSources",
-              "allowDefaultVni", "maxServicesPerPod", "backends", "libcxi", "kubeconfig")}
-    shown = ", ".join(f"{k} {v}" for k, v in bounds.items() if v is not None) or "no bounds"
+    shown = ", ".join(f"{k} {v}" for k, v in policy.given().items()) or "no bounds"
     return True, f"node policy {policy.path}: {shown}"
 
 

@@ -73,6 +73,11 @@ class NodePolicy:
         self.path = path
         self.__dict__.update(bounds)
 
+    def given(self) -> dict:
+        """The bounds the file sets, by key."""
+        return {key: getattr(self, key) for key in NodePolicy.__annotations__
+                if getattr(self, key) is not None}
+
     def bound(self, conf, teardown: bool = False) -> None:
         """Narrow `conf` to the policy: lists of VNIs are intersected, limits lowered, and
         a choice the policy does not list (a VNI source, backend, library, kubeconfig) is a

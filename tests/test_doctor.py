@@ -67,10 +67,13 @@ def test_no_kubeconfig_and_no_node_policy_are_warnings(cxi_bin, sim, tmp_path):
 
 def test_the_node_policy_is_shown(cxi_bin, sim, tmp_path):
     policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps({"allowedVnis": ["100-199"], "vniSources": ["kubernetes", "config"]}))
+    policy.write_text(json.dumps({"allowedVnis": ["100-199"], "vniSources": ["kubernetes", "config"],
+                                  "limits": {"acs": {"max": 8}}, "tcs": ["best_effort"]}))
     policy.chmod(0o644)
     rc, lines = doctor(cxi_bin, sim, tmp_path, sim.conf(), {"CXI_CNI_POLICY": str(policy)})
-    assert rc == 0 and lines["node"].startswith("ok") and "allowedVnis 100-199" in lines["node"]
+    assert rc == 0 and lines["node"].startswith("ok"), lines
+    for shown in ("allowedVnis 100-199", "limits {'acs': {'max': 8, 'res': None}}", "tcs ['best_effort']"):
+        assert shown in lines["node"]
     policy.chmod(0o666)
     rc, lines = doctor(cxi_bin, sim, tmp_path, sim.conf(), {"CXI_CNI_POLICY": str(policy)})
     assert rc == 1 and lines["configuration"].startswith("FAIL") and "writable by root alone" in lines[
