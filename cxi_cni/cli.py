@@ -188,6 +188,7 @@ def env(config_path, vni):
     from . import podenv
     from .config import parse_conf
     from .invocation import open_backend
+    from .netns import own_identity
 
     try:
         backend = open_backend(parse_conf(load_plugin_conf(config_path)))
@@ -199,7 +200,7 @@ def env(config_path, vni):
         raise click.ClickException(f"{exc}; in a pod, the image needs libcxi (or the node's "
                                    "libcxi.so.1 mounted into it)") from None
     try:
-        found = podenv.find(backend, podenv.own_netns_inode())
+        found = podenv.find(backend, own_identity()[1])
         variables = podenv.exports(found, vni)
     except (BackendUnavailable, CxiError, podenv.PodEnvError) as exc:
         raise click.ClickException(str(exc)) from None
