@@ -133,7 +133,7 @@ class PodLink:
                 ips = [{**ip, "interface": 0} for ip in leased["ips"]]
                 routes = leased.get("routes") or []
                 configure(pod, made.index, args.ifname, ips, routes)
-                record.mac = pod.find(args.ifname).mac
+                record.mac = made.mac  # renaming, addressing and bringing up keep it
         except LinkError as exc:
             raise link_error(exc, conf.master) from None
         record.ips, record.routes = [ip["address"] for ip in ips], routes
