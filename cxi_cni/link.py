@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .lazy import without_package_init
 from .netns import Netns
@@ -70,7 +70,6 @@ class LinkInfo:
     mac: str
     mtu: int
     up: bool
-    addresses: list[str] = field(default_factory=list)
 
 
 def link_info(msg) -> LinkInfo:

@@ -109,7 +109,6 @@ class PodLink:
             with Rtnl(netns) as pod, ExitStack() as sockets:
                 host = pod if conf.linkInContainer else sockets.enter_context(Rtnl())
                 master = require_master(conf, host, master_place(conf, netns))
-                record.master_index = master.index
                 if pod.find(args.ifname) is not None:
                     raise CniError(LINK_FAILURE, f"interface {args.ifname} already exists in "
                                    f"network namespace {netns.path}",
