@@ -163,7 +163,7 @@ def gc(config_path, valid, cni_path):
 
 
 @cli.command(help="Check that this node can serve ADD: backend, devices, state, logging, the "
-             "node policy, the Kubernetes API and its RBAC.")
+             "node policy, the Kubernetes API and its RBAC, the master link.")
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 def doctor(config_path):
     from .doctor import run_checks

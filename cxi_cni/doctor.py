@@ -36,7 +36,7 @@ TESTED = ("tested: the three stacks (shs-14.0.1, shs-14.0.0, netns-member) were 
           "real node follow README.md, \"First steps on a real node\"")
 
 
-def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
+def run_checks(raw_conf: dict) -> Iterator[tuple[bool | str, str]]:
     try:
         conf = parse_conf(raw_conf)
     except CniError as exc:
@@ -53,7 +53,7 @@ def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
         yield master_check(conf)
 
 
-def backend_checks(conf) -> Iterator[tuple[bool, str]]:
+def backend_checks(conf) -> Iterator[tuple[bool | str, str]]:
     backend = open_backend(conf)
     try:
         backend.check()

@@ -239,8 +239,8 @@ def ipam_version(args: CmdArgs) -> str:
 
 
 def status(conf, args: CmdArgs) -> None:
-    """STATUS: the master is present (unless it lives in pod namespaces) and the IPAM
-    plugin answers STATUS, when its VERSION says it knows spec 1.1.0."""
+    """STATUS: the master is as ADD needs it (unless it lives in pod namespaces) and the
+    IPAM plugin answers STATUS, when its VERSION says it knows spec 1.1.0."""
     try:
         host_master(conf)
         if ipam.supports(args, "1.1.0"):
