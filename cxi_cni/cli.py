@@ -1,4 +1,6 @@
-"""The admin CLI (`cxi version|doctor|services|gc|demo`), run when CNI_COMMAND is not set."""
+"""The admin CLI (`cxi version|doctor|services|gc|env|demo`), run when CNI_COMMAND is not set.
+Each command imports what it needs when it runs: `cxi env` in a pod loads neither the node's
+checks nor the state files nor the simulator."""
 
 from __future__ import annotations
 
@@ -8,15 +10,9 @@ import sys
 import click
 
 from . import __version__
-from .cni.args import CmdArgs
 from .cni.errors import CniError
 from .cni.version import LATEST, SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES, BackendUnavailable, CxiError
-from .demo import run_demo
-from .doctor import run_checks
-from .gc import collect
-from .invocation import Invocation
-from .state import StateError
 
 CONFIG_HELP = "plugin config or .conflist (its cxi entry is used); default: {\"type\":\"cxi\"}"
 
@@ -48,6 +44,9 @@ def load_plugin_conf(path: str | None) -> dict:
 
 def invocation_for(path: str | None, command: str = "CLI", cni_path: str = ""):
     """An Invocation (config, backend, records) for admin commands."""
+    from .cni.args import CmdArgs
+    from .invocation import Invocation
+
     conf = load_plugin_conf(path)
     args = CmdArgs(command=command, container_id="", netns="", ifname="",
                    cni_path=[p for p in cni_path.split(":") if p],
@@ -133,6 +132,8 @@ def services(config_path, as_json, include_all):
 
 
 def guarded(fn):
+    from .state import StateError
+
     try:
         return fn()
     except (BackendUnavailable, CxiError, StateError) as exc:
@@ -146,6 +147,8 @@ def guarded(fn):
 @click.option("--cni-path", default="/opt/cni/bin", show_default=True,
               help="where the IPAM plugin lives, to release the leases of removed attachments")
 def gc(config_path, valid, cni_path):
+    from .gc import collect
+
     inv = invocation_for(config_path, "GC", cni_path)
     keep = {tuple(v.rsplit("/", 1)) for v in valid} if valid else None
     report = guarded(lambda: collect(inv, keep))
@@ -160,9 +163,11 @@ def gc(config_path, valid, cni_path):
 
 
 @cli.command(help="Check that this node can serve ADD: backend, devices, state, logging, the "
-             "node policy, the Kubernetes API and its RBAC.")
+             "node policy, the Kubernetes API and its RBAC, the master link.")
 @click.option("--config", "config_path", type=click.Path(), help=CONFIG_HELP)
 def doctor(config_path):
+    from .doctor import run_checks
+
     failed = 0
     for status, line in run_checks(load_plugin_conf(config_path)):
         click.echo({True: "ok    ", False: "FAIL  "}.get(status, f"{status:6}") + line)
@@ -183,6 +188,7 @@ def env(config_path, vni):
     from . import podenv
     from .config import parse_conf
     from .invocation import open_backend
+    from .netns import own_identity
 
     try:
         backend = open_backend(parse_conf(load_plugin_conf(config_path)))
@@ -194,7 +200,7 @@ def env(config_path, vni):
         raise click.ClickException(f"{exc}; in a pod, the image needs libcxi (or the node's "
                                    "libcxi.so.1 mounted into it)") from None
     try:
-        found = podenv.find(backend, podenv.own_netns_inode())
+        found = podenv.find(backend, own_identity()[1])
         variables = podenv.exports(found, vni)
     except (BackendUnavailable, CxiError, podenv.PodEnvError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -207,4 +213,6 @@ def env(config_path, vni):
              "master link, then ADD, CHECK and DEL through this binary. Needs root.")
 @click.option("--keep", is_flag=True, help="leave the demo's files in place for a look")
 def demo(keep):
+    from .demo import run_demo
+
     sys.exit(run_demo(keep=keep))

@@ -20,8 +20,10 @@ from .invocation import open_backend, shape_of
 from .k8s import READS
 from .kubeapi import ApiClient, KubeError, KubeUnavailable
 from .kubeconfig import load_access
+from .link import LinkError
 from .logs import open_log
 from .nodepolicy import policy_path
+from .podlink import host_master
 from .state import AttachmentStore, StateError
 from .trust import UntrustedPath
 
@@ -34,7 +36,7 @@ TESTED = ("tested: the three stacks (shs-14.0.1, shs-14.0.0, netns-member) were 
           "real node follow README.md, \"First steps on a real node\"")
 
 
-def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
+def run_checks(raw_conf: dict) -> Iterator[tuple[bool | str, str]]:
     try:
         conf = parse_conf(raw_conf)
     except CniError as exc:
@@ -48,10 +50,10 @@ def run_checks(raw_conf: dict) -> Iterator[tuple[bool, str]]:
     yield policy_check(conf)
     yield from kube_checks(conf)
     if conf.master:
-        yield master_check(conf.master)
+        yield master_check(conf)
 
 
-def backend_checks(conf) -> Iterator[tuple[bool, str]]:
+def backend_checks(conf) -> Iterator[tuple[bool | str, str]]:
     backend = open_backend(conf)
     try:
         backend.check()
@@ -199,16 +201,19 @@ def log_check(path: str) -> tuple[bool, str]:
     return True, f"logFile {path}: writable"
 
 
-def master_check(master: str) -> tuple[bool, str]:
-    base = f"/sys/class/net/{master}"
-    if not os.path.exists(base):
-        return False, f"master {master}: no such network interface"
+def master_check(conf) -> tuple[bool | str, str]:
+    """The master as ADD and STATUS see it: on this node, present, up and with room for the
+    configured MTU; in each pod's namespace under linkInContainer, out of the node's sight."""
     try:
-        with open(f"{base}/operstate") as fh:
-            state = fh.read().strip()
-    except OSError:
-        state = "unknown"
-    return state in ("up", "unknown"), f"master {master}: operstate {state}"
+        master = host_master(conf)
+    except CniError as exc:
+        return False, f"{exc.msg} ({exc.details})"
+    except LinkError as exc:
+        return False, f"master {conf.master}: {exc}"
+    if master is None:
+        return NOTE, (f"master {conf.master}: lives in each pod's network namespace "
+                      "(linkInContainer is true), so ADD checks it there")
+    return True, f"master {conf.master}: up, MTU {master.mtu}"
 
 
 def policy_check(conf) -> tuple[bool | str, str]:
@@ -216,9 +221,7 @@ def policy_check(conf) -> tuple[bool | str, str]:
     if policy is None:
         return WARN, (f"node policy: none at {policy_path()}; every network configuration (a "
                       "tenant's NAD too) is trusted as the admin's (SECURITY.md)")
-    bounds = {key: getattr(policy, key) for key in ("allowedVnis", "podVnis", "vniSources",
-              "allowDefaultVni", "maxServicesPerPod", "backends", "libcxi", "kubeconfig")}
-    shown = ", ".join(f"{k} {v}" for k, v in bounds.items() if v is not None) or "no bounds"
+    shown = ", ".join(f"{k} {v}" for k, v in policy.given().items()) or "no bounds"
     return True, f"node policy {policy.path}: {shown}"
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .kubeapi import ApiClient, KubeError, KubeUnavailable
-from .kubeconfig import SERVICE_ACCOUNT_DIR, load_access
+from .kubeconfig import load_access
 from .kubenames import OBJECT_NAME_RE, OBJECT_NAME_RULE
 
-__all__ = ["KubeError", "KubeUnavailable", "SERVICE_ACCOUNT_DIR", "PodReplaced", "OwnerMismatch",
-           "PodFacts", "PodLookup", "pod_vnis"]
+__all__ = ["KubeError", "KubeUnavailable", "PodReplaced", "OwnerMismatch", "PodFacts", "PodLookup",
+           "pod_vnis"]
 
 VNI_GROUP_PATH = "/apis/horizon-opencube.eu/v1"
 MAX_OWNER_DEPTH = 8
@@ -56,14 +56,10 @@ class OwnerMismatch(KubeError):
 class PodFacts:
     """What the API knows of the pod; `found` is False when it does not know the pod."""
 
-    namespace: str
-    name: str
     found: bool = True
-    uid: str = ""
     vnis: list[int] | None = None
     vni_origin: str = ""
     cpus: float | None = None
-    spec: dict = field(default_factory=dict, repr=False)
 
 
 class PodLookup:
@@ -85,14 +81,13 @@ class PodLookup:
         nearest owner's VNIs. PodReplaced, OwnerMismatch, KubeError, KubeUnavailable."""
         obj = self.api.get(f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}")
         if obj is None:
-            return PodFacts(self.namespace, self.pod, found=False)
+            return PodFacts(found=False)
         meta = obj.get("metadata") or {}
         uid = str(meta.get("uid") or "")
         if expected_uid and uid != expected_uid:
             raise PodReplaced(f"pod {self.namespace}/{self.pod} in the API has UID {uid or 'none'}, "
                               f"the sandbox was made for UID {expected_uid}: the pod was replaced")
-        facts = PodFacts(self.namespace, self.pod, uid=uid, spec=obj.get("spec") or {})
-        facts.cpus = pod_cpus(facts.spec)
+        facts = PodFacts(cpus=pod_cpus(obj.get("spec") or {}))
         found = self._nearest_owner_vnis(obj)
         if found:
             facts.vnis, facts.vni_origin = found

@@ -1,5 +1,6 @@
-"""A small HTTPS client of the Kubernetes API: GETs of JSON objects over one kept-alive TLS
-connection, every connect and read of every request within one deadline.
+"""A small HTTPS client of the Kubernetes API: GETs of JSON objects (and the POSTs of the
+doctor's access reviews) over one kept-alive TLS connection, every connect and read of every
+request within one deadline.
 
 Only the standard library is used, and http.client and ssl are imported when a request
 runs, so importing this module costs next to nothing in the per-attachment binary. The
@@ -23,7 +24,8 @@ class KubeUnavailable(Exception):
 
 
 class ApiClient:
-    """GETs JSON from the API server over one kept-alive TLS connection, all within one deadline."""
+    """Requests to the API server, JSON both ways, over one kept-alive TLS connection, all
+    within one deadline."""
 
     def __init__(self, access, deadline: float):
         self.access, self.deadline = access, deadline
@@ -89,6 +91,8 @@ class ApiClient:
         return self.call("POST", path, json.dumps(obj).encode())
 
     def call(self, method: str, path: str, payload: bytes | None = None) -> dict | None:
+        """The JSON object answered to `method` on `path`, or None on 404. Raises KubeError
+        or KubeUnavailable."""
         import http.client
         import ssl
 
@@ -111,7 +115,7 @@ class ApiClient:
             reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or type(e).__name__)
             raise KubeUnavailable(f"cannot reach the API server at {self.access.server}: {reason}") from None
         if status in (200, 201):
-            return self._decode(body, path)
+            return self._decode(body, f"{method} {path}")
         if status == 404:
             return None
         message = self._status_message(body)
@@ -142,7 +146,7 @@ class ApiClient:
                 sock.settimeout(self._remaining(f"{method} {path}"))
                 self.conn.request(method, target, body=payload, headers=headers)
                 response = self.conn.getresponse()
-                body = self._read_body(response, sock, path)
+                body = self._read_body(response, sock, f"{method} {path}")
                 if response.will_close:
                     self.close()
                 return response.status, body
@@ -165,10 +169,10 @@ class ApiClient:
             raise
         return conn
 
-    def _read_body(self, response, sock, path: str) -> bytes:
+    def _read_body(self, response, sock, request: str) -> bytes:
         chunks = []
         while True:
-            sock.settimeout(self._remaining(f"GET {path}"))
+            sock.settimeout(self._remaining(request))
             chunk = response.read1(65536)
             if not chunk:
                 response.close()  # the whole body is read: the connection is free for the next request
@@ -176,13 +180,13 @@ class ApiClient:
             chunks.append(chunk)
 
     @staticmethod
-    def _decode(body: bytes, path: str) -> dict:
+    def _decode(body: bytes, request: str) -> dict:
         try:
             obj = json.loads(body)
         except ValueError:
-            raise KubeError(f"GET {path} returned something other than JSON") from None
+            raise KubeError(f"{request} returned something other than JSON") from None
         if not isinstance(obj, dict):
-            raise KubeError(f"GET {path} returned JSON that is not an object")
+            raise KubeError(f"{request} returned JSON that is not an object")
         return obj
 
     @staticmethod

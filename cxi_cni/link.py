@@ -13,7 +13,7 @@ import socket
 import struct
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .lazy import without_package_init
 from .netns import Netns
@@ -70,7 +70,6 @@ class LinkInfo:
     mac: str
     mtu: int
     up: bool
-    addresses: list[str] = field(default_factory=list)
 
 
 def link_info(msg) -> LinkInfo:
@@ -288,43 +287,47 @@ class Rtnl:
             time.sleep(0.05)
 
 
-def write_sysctl(netns: Netns, key: str, value: str, required: bool = False) -> None:
-    """Write /proc/sys/<key> as seen from inside the namespace."""
-    with netns.entered():
-        try:
-            with open(f"/proc/sys/{key}", "w") as fh:
-                fh.write(value)
-        except OSError as exc:
-            if required:
-                raise LinkError(f"cannot set {key.replace('/', '.')}={value}: {exc.strerror}",
-                                exc.errno) from None
+def write_sysctl(key: str, value: str, required: bool = False) -> None:
+    """Write /proc/sys/<key> as the network namespace this thread is in sees it."""
+    try:
+        with open(f"/proc/sys/{key}", "w") as fh:
+            fh.write(value)
+    except OSError as exc:
+        if required:
+            raise LinkError(f"cannot set {key.replace('/', '.')}={value}: {exc.strerror}",
+                            exc.errno) from None
 
 
-def read_sysctl(netns: Netns, key: str) -> str | None:
+def read_sysctl(key: str) -> str | None:
+    try:
+        with open(f"/proc/sys/{key}") as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def set_sysctls(netns: Netns, name: str, ipv6: bool) -> None:
+    """The link's sysctls as the reference plugins set them, in one visit to its namespace:
+    ARP notifications, and for IPv6 addresses IPv6 on (lo and the link), addresses kept
+    while down, and neighbour notifications."""
     with netns.entered():
-        try:
-            with open(f"/proc/sys/{key}") as fh:
-                return fh.read().strip()
-        except OSError:
-            return None
+        write_sysctl(f"net/ipv4/conf/{name}/arp_notify", "1")
+        if not ipv6:
+            return
+        for dev in ("lo", name):
+            if read_sysctl(f"net/ipv6/conf/{dev}/disable_ipv6") not in (None, "0"):
+                write_sysctl(f"net/ipv6/conf/{dev}/disable_ipv6", "0", required=True)
+        write_sysctl(f"net/ipv6/conf/{name}/keep_addr_on_down", "1")
+        write_sysctl(f"net/ipv6/conf/{name}/ndisc_notify", "1")
 
 
 def configure(rtnl: Rtnl, index: int, name: str, ips: list[dict], routes: list[dict]) -> None:
-    """Addresses, up, then routes, as the reference plugins' ConfigureIface: a route
-    without a gateway goes through the first gateway of its address family."""
-    netns = rtnl.netns
-    write_sysctl(netns, f"net/ipv4/conf/{name}/arp_notify", "1")
+    """Sysctls, addresses, up, then routes, as the reference plugins' ConfigureIface: a
+    route without a gateway goes through the first gateway of its address family."""
+    set_sysctls(rtnl.netns, name, any(ipaddress.ip_interface(ip["address"]).version == 6
+                                      for ip in ips))
     gateways: dict[int, str] = {}
-    has_v6 = False
     for ip in ips:
-        version = ipaddress.ip_interface(ip["address"]).version
-        if version == 6 and not has_v6:
-            has_v6 = True
-            for dev in ("lo", name):
-                if read_sysctl(netns, f"net/ipv6/conf/{dev}/disable_ipv6") not in (None, "0"):
-                    write_sysctl(netns, f"net/ipv6/conf/{dev}/disable_ipv6", "0", required=True)
-            write_sysctl(netns, f"net/ipv6/conf/{name}/keep_addr_on_down", "1")
-            write_sysctl(netns, f"net/ipv6/conf/{name}/ndisc_notify", "1")
         rtnl.add_address(index, ip["address"], name)
         if ip.get("gateway"):
             gateways.setdefault(ipaddress.ip_address(ip["gateway"]).version, ip["gateway"])

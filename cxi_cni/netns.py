@@ -38,8 +38,9 @@ def setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def host_identity() -> tuple[int, int]:
-    """(device, inode) of the namespace this process runs in: on a node, the host's."""
+def own_identity() -> tuple[int, int]:
+    """(device, inode) of the network namespace this process runs in: on a node the host's,
+    in a pod (`cxi env`) the pod's."""
     st = os.stat(OWN_NETNS)
     return st.st_dev, st.st_ino
 
@@ -64,7 +65,7 @@ class Netns:
             raise NetnsInvalid(f"cannot open network namespace {path}: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
-            host_dev, host_ino = host_identity()
+            host_dev, host_ino = own_identity()
             if st.st_dev != host_dev:
                 raise NetnsInvalid(f"{path} is not a namespace file (not on nsfs)")
             try:

@@ -11,13 +11,11 @@ pod needs /dev/cxiN and libcxi, nothing else."""
 from __future__ import annotations
 
 import errno
-import os
 import shlex
 from dataclasses import dataclass
 
 from .cxi.backend import Backend, CxiError, Service
 
-SELF_NETNS = "/proc/self/ns/net"
 DEVICES_FIX = ("give the pod the node's /dev/cxiN devices through a device plugin or CDI "
                "that shares them between pods")
 
@@ -34,10 +32,6 @@ class Found:
     inode: int
     services: dict[str, list[Service]]
     skipped: list[str]
-
-
-def own_netns_inode() -> int:
-    return os.stat(SELF_NETNS).st_ino
 
 
 def open_problem(exc: CxiError) -> str:

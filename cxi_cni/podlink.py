@@ -71,6 +71,15 @@ def require_master(conf, rtnl: Rtnl, where: str) -> LinkInfo:
     return master
 
 
+def host_master(conf) -> LinkInfo | None:
+    """The master on this node, held to what ADD requires of it (CniError, LinkError);
+    None when linkInContainer puts it in each pod's namespace, where only ADD can look."""
+    if conf.linkInContainer:
+        return None
+    with Rtnl() as host:
+        return require_master(conf, host, "on this node")
+
+
 def master_place(conf, netns: Netns) -> str:
     return (f"in the pod's network namespace {netns.path} (linkInContainer is true)"
             if conf.linkInContainer else "on this node")
@@ -100,7 +109,6 @@ class PodLink:
             with Rtnl(netns) as pod, ExitStack() as sockets:
                 host = pod if conf.linkInContainer else sockets.enter_context(Rtnl())
                 master = require_master(conf, host, master_place(conf, netns))
-                record.master_index = master.index
                 if pod.find(args.ifname) is not None:
                     raise CniError(LINK_FAILURE, f"interface {args.ifname} already exists in "
                                    f"network namespace {netns.path}",
@@ -124,7 +132,7 @@ class PodLink:
                 ips = [{**ip, "interface": 0} for ip in leased["ips"]]
                 routes = leased.get("routes") or []
                 configure(pod, made.index, args.ifname, ips, routes)
-                record.mac = pod.find(args.ifname).mac
+                record.mac = made.mac  # renaming, addressing and bringing up keep it
         except LinkError as exc:
             raise link_error(exc, conf.master) from None
         record.ips, record.routes = [ip["address"] for ip in ips], routes
@@ -231,12 +239,10 @@ def ipam_version(args: CmdArgs) -> str:
 
 
 def status(conf, args: CmdArgs) -> None:
-    """STATUS: the master is present (unless it lives in pod namespaces) and the IPAM
-    plugin answers STATUS, when its VERSION says it knows spec 1.1.0."""
+    """STATUS: the master is as ADD needs it (unless it lives in pod namespaces) and the
+    IPAM plugin answers STATUS, when its VERSION says it knows spec 1.1.0."""
     try:
-        if not conf.linkInContainer:
-            with Rtnl() as host:
-                require_master(conf, host, "on this node")
+        host_master(conf)
         if ipam.supports(args, "1.1.0"):
             ipam.status(args)
         else:

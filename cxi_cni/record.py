@@ -24,7 +24,6 @@ class LinkRecord:
     ifname: str
     netns: str
     mac: str = ""
-    master_index: int = 0
     link_in_container: bool = False
     ipam: dict = field(default_factory=dict)
     ipam_version: str = ""
@@ -33,7 +32,7 @@ class LinkRecord:
 
     def to_json(self) -> dict:
         return {"type": self.type, "mode": self.mode, "master": self.master,
-                "masterIndex": self.master_index, "linkInContainer": self.link_in_container,
+                "linkInContainer": self.link_in_container,
                 "ifname": self.ifname, "netns": self.netns, "mac": self.mac, "ipam": self.ipam,
                 "ipamVersion": self.ipam_version, "ips": self.ips, "routes": self.routes}
 
@@ -47,7 +46,7 @@ class LinkRecord:
         try:
             return cls(type=str(data["type"]), mode=str(data["mode"]), master=str(data["master"]),
                        ifname=str(data["ifname"]), netns=str(data.get("netns") or ""),
-                       mac=str(data.get("mac") or ""), master_index=int(data.get("masterIndex") or 0),
+                       mac=str(data.get("mac") or ""),
                        link_in_container=bool(data.get("linkInContainer")),
                        ipam=ipam if isinstance(ipam, dict) else {},
                        ipam_version=str(data.get("ipamVersion") or ""),

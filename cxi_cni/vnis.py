@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 from .cni.errors import INVALID_CONFIG, INVALID_ENV, TRY_AGAIN_LATER, UNKNOWN_CONTAINER, CniError
 from .errors import KUBE_FAILURE, POLICY_REFUSED
@@ -26,11 +25,13 @@ class Refused(Exception):
     """A source gave VNIs the admin's policy does not allow; the message says why."""
 
 
-@dataclass
 class Found:
-    vnis: list
-    origin: str  # where they came from, for messages: "args.cni.vni", "Vni team-b/vni-..."
-    pod_written: bool = False
+    """VNIs one source gave, where they came from (for messages: "args.cni.vni", "Vni
+    team-b/vni-...") and whether the pod's author wrote them. A plain class: a dataclass
+    costs 0.3 ms at import, on every ADD."""
+
+    def __init__(self, vnis: list, origin: str, pod_written: bool = False):
+        self.vnis, self.origin, self.pod_written = vnis, origin, pod_written
 
 
 def check_pod_names(namespace: str, pod: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,30 @@ def test_addresses_and_routes_as_the_reference_plugins_add_them(pod, pod_link, n
     for route in routes:
         assert ipaddress.ip_network(route["dst"]) in have  # any table
     assert ipaddress.ip_network("10.250.0.5/32") in have  # the local table's too
+
+
+def sysctls(netns: str, keys: list[str]) -> dict[str, str]:
+    return {key: sh("ip", "netns", "exec", Path(netns).name, "cat", f"/proc/sys/{key}").stdout.strip()
+            for key in keys}
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["IPv4 only", "with IPv6"])
+def test_sysctls_are_set_in_the_pod_namespace_as_the_reference_plugins_set_them(pod, pod_link, netns, ipv6):
+    """arp_notify always; for an IPv6 address IPv6 turned back on (lo and the link), addresses
+    kept while down and neighbour notifications. The thread comes back to its namespace."""
+    index, _ = pod_link
+    for dev in ("lo", "eth0"):
+        sh("ip", "netns", "exec", Path(netns).name, "sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1")
+    v6_keys = ["net/ipv6/conf/lo/disable_ipv6", "net/ipv6/conf/eth0/disable_ipv6",
+               "net/ipv6/conf/eth0/keep_addr_on_down", "net/ipv6/conf/eth0/ndisc_notify"]
+    before = sysctls(netns, v6_keys)
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    ips = [{"address": "10.253.0.5/24"}] + ([{"address": "fd00:253::5/64"}] if ipv6 else [])
+    configure(pod, index, "eth0", ips, [])
+    assert os.stat("/proc/thread-self/ns/net").st_ino == home
+    expected = dict(zip(v6_keys, ("0", "0", "1", "1"), strict=True)) if ipv6 else before
+    assert sysctls(netns, ["net/ipv4/conf/eth0/arp_notify", *v6_keys]) == \
+        {"net/ipv4/conf/eth0/arp_notify": "1", **expected}
 
 
 def test_route_scope_and_no_gateway(pod, pod_link, netns):
