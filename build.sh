@@ -70,15 +70,15 @@ DROPPED_RTHOOKS="'pyi_rth_inspect', 'pyi_rth_multiprocessing'"
 # the PYZ archive inside the executable: PyInstaller's archive reader opens the executable
 # again for every module it imports, and a chained ADD imports about 180. Measured side by
 # side (40 runs each): ADD 136 -> 119 ms, DEL 123 -> 108 ms, VERSION 38.6 -> 35.3 ms.
-NOARCHIVE="--debug noarchive"
+NOARCHIVE=(--debug noarchive)
 # cxi_cni/lazy.py loads some modules by name on first use; PyInstaller follows only static
 # imports, so every module of the package is collected explicitly.
-COLLECT="--collect-submodules cxi_cni"
+COLLECT=(--collect-submodules cxi_cni)
 
 pyinstaller() {
   local mode=$1 dist=$2 specdir=build/pyinstaller$1
   rm -rf "$specdir"
-  .venv/bin/pyi-makespec --log-level WARN "$mode" $NOARCHIVE $COLLECT --name cxi --paths "$PWD" --specpath "$specdir" \
+  .venv/bin/pyi-makespec --log-level WARN "$mode" "${NOARCHIVE[@]}" "${COLLECT[@]}" --name cxi --paths "$PWD" --specpath "$specdir" \
     "${EXCLUDES[@]/#/--exclude-module=}" "$PWD/cxi_cni/__main__.py" >/dev/null
   sed -i "s/^pyz = PYZ(/a.scripts = [s for s in a.scripts if s[0] not in ($DROPPED_RTHOOKS)]\\npyz = PYZ(/" \
     "$specdir/cxi.spec"
@@ -105,7 +105,11 @@ done
 patchelf --set-interpreter "_internal/$(basename "$loader")" --set-rpath '$ORIGIN/_internal' "$tree/cxi"
 id=$(cd "$tree" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 printf '%s\n' "$id" > "$tree/.cxi-id"  # the launcher checks it got the payload it expects
-tar -C "$tree" --owner=0 --group=0 --numeric-owner -czf build/payload.tar.gz .
+# Byte-identical from one commit to the next build: names sorted, one mtime (the commit's,
+# as SOURCE_DATE_EPOCH says, else 0), no owner names, and gzip without its name and time.
+epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+tar -C "$tree" --sort=name --mtime="@$epoch" --owner=0 --group=0 --numeric-owner --format=gnu -cf - . |
+  gzip -n -9 > build/payload.tar.gz
 
 # The payload starts right after the launcher text, whose length includes the offset's digits.
 OFFSET_MARK=@OFFSET@
