@@ -51,7 +51,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[build,test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[build,test]'
 
 # Modules the plugin never imports but that the venv (test tools) or the standard library
 # would drag in. yaml stays (k8s.py reads YAML kubeconfigs), without its C accelerator.
