@@ -14,7 +14,14 @@ from .cni.errors import (
     UNKNOWN_CONTAINER,
     CniError,
 )
-from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, NoResources, VniInUse
+from .cxi.backend import (
+    DEFAULT_SVC_ID,
+    NOT_PERMITTED,
+    BackendUnavailable,
+    CxiError,
+    NoResources,
+    VniInUse,
+)
 from .cxi.shape import LE_POOLS, TLE_POOLS
 from .netns import NetnsInvalid, NetnsMissing
 from .state import AttachmentBusy, StateError
@@ -32,7 +39,7 @@ ERRNO_FIXES = {
     errno.ENOSPC: "the device has too few free resources: lower cxi.limits or free services",
     errno.EINVAL: "check cxi.vnis, cxi.tcs and cxi.limits against the device (cxi doctor)",
     errno.EBUSY: "a process in the pod still holds the NIC; the runtime will retry",
-    errno.EPERM: "the device is a VF: bind services on the physical function",
+    errno.EPERM: NOT_PERMITTED,
     errno.EEXIST: "the service already has a UID/GID member",
     errno.ENODEV: "the CXI device is gone (cxi doctor lists the present ones)",
     errno.EBADR: "the NIC has no LE or TLE pool left (a driver before SHS 14.0.0 says so this "

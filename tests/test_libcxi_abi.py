@@ -402,16 +402,6 @@ def test_set_netns_rules(cxi0):
     assert errno_of(exc) == errno.EINVAL
 
 
-def test_set_netns_on_a_vf_is_refused(lib_path, sysfs, state):
-    standin.write_device(state, 1, is_vf=True)
-    backend = LibcxiBackend(lib_path=str(lib_path), sysfs_root=str(sysfs))
-    with backend.open("cxi1") as vf:
-        svc_id = vf.alloc_svc(ServiceDesc.for_netns([9]))
-        with pytest.raises(CxiError) as exc:
-            vf.svc_set_netns(svc_id, NETNS_INODE)
-        assert errno_of(exc) == errno.EPERM
-
-
 def test_unknown_ids_and_out_of_range_values(cxi0):
     for call in (lambda: cxi0.get_svc(999), lambda: cxi0.svc_enable(999, True), lambda: cxi0.svc_get_netns(999)):
         with pytest.raises(CxiError) as exc:

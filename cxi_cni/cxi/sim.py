@@ -25,6 +25,7 @@ import contextlib
 import errno
 
 from .backend import (
+    ADMIN_CALLS,
     DEFAULT_SVC_ID,
     MAX_VNIS,
     MEMBER_GID,
@@ -78,7 +79,9 @@ class SimDevice:
 
     @contextlib.contextmanager
     def _device(self, op: str, write: bool = True):
-        """The device's state and the rules of the emulated stack, for one call."""
+        """The device's state and the rules of the emulated stack, for one call; the
+        driver's gate of admin-only calls first (the sim's caller always has CAP_SYS_ADMIN,
+        so only a VF is refused)."""
         with self.state.transaction(write) as state:
             device, rules = state["devices"].get(self.name), emulated(state)
             if device is None:
@@ -86,6 +89,8 @@ class SimDevice:
             if op in NETNS_CALLS and not rules.netns_calls:
                 raise BackendUnavailable(f"the simulated library ({state['stack']}) has no {op} "
                                          f"({SET_NETNS_NEEDED})")
+            if op in ADMIN_CALLS and device["vf"]:
+                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
             yield device, rules
 
     def _service(self, device: dict, op: str, svc_id: int) -> dict:
@@ -186,9 +191,7 @@ class SimDevice:
 
     def svc_set_netns(self, svc_id: int, netns_inode: int) -> None:
         op = "cxil_svc_set_netns"
-        with self._device(op) as (device, _):  # the driver's order: VF, id, members, enabled
-            if device["vf"]:
-                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
+        with self._device(op) as (device, _):  # the driver's order: id, members, enabled
             svc = self._service(device, op, svc_id)
             desc = svc["desc"]
             if not desc["restricted_members"] or any(
@@ -253,8 +256,6 @@ class SimDevice:
     def svc_set_lpr(self, svc_id: int, lnis_per_rgid: int) -> None:
         op = "cxil_set_svc_lpr"
         with self._device(op) as (device, _):
-            if device["vf"]:
-                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
             if not 0 <= lnis_per_rgid <= MAX_LNIS_PER_RGID:
                 raise CxiError(op, self.name, errno.EINVAL,
                                f"{lnis_per_rgid} LNIs per resource group, the most is {MAX_LNIS_PER_RGID}")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from .backend import (
     MEMBER_IGNORE,
     MEMBER_NET_NS,
+    NOT_PERMITTED,
     BackendUnavailable,
     CxiError,
     LibraryInfo,
@@ -257,9 +258,8 @@ def _probe_services(dev, make_descs: Callable[[int], list[ServiceDesc]],
                     else:
                         then(made[-1])
                 except CxiError as exc:
-                    if exc.errno == errno.EPERM and index < len(descs):
-                        return Probe(None, "not probed: allocating a service needs root "
-                                           "(CAP_SYS_ADMIN)")
+                    if exc.errno == errno.EPERM:
+                        return Probe(None, f"not probed: {exc}: {NOT_PERMITTED}")
                     if index == 0 and exc.errno == errno.EEXIST:
                         break  # the VNI is in use after all (a VNI range): try the next
                     if (index, exc.errno) == refusal:
