@@ -33,6 +33,7 @@ from cxi_cni.cxi.backend import (
     ServiceDesc,
 )
 from cxi_cni.cxi.libcxi import LibcxiBackend
+from cxi_cni.cxi.shape import CASSINI_TOTALS
 
 REPO = Path(__file__).resolve().parents[1]
 NETNS_INODE = 4026532281
@@ -351,6 +352,18 @@ def test_totals_without_sysfs_come_from_the_default_service(lib_path, tmp_path, 
         assert device.totals() == {"ptes": 100, "txqs": 90, "tgqs": 80, "eqs": 70, "cts": 60,
                                    "les": 50, "tles": 2048, "acs": 30}
         assert device.rgids_avail() is None
+
+
+def test_totals_the_default_service_does_not_show_are_a_cassinis(lib_path, tmp_path, state):
+    """No num_* properties and a default service that limits LEs only: the other totals
+    are a Cassini NIC's, each its own (not the TLE count)."""
+    root = standin.make_sysfs(tmp_path / "bare", [standin.Nic("cxi0", "hsn0", "0000:21:00.0", None)])
+    standin.write_device(state, 0)
+    default = ServiceDesc(svc_id=1, restricted_vnis=True, vnis=(1, 10), resource_limits=True,
+                          limits={"les": Limit(50, 0)})
+    standin.write_service(state, 0, bytes(abi.desc_to_struct(default)))
+    with LibcxiBackend(str(lib_path), str(root)).open("cxi0") as device:
+        assert device.totals() == {**CASSINI_TOTALS, "les": 50}
 
 
 def test_resource_use_of_another_layout_is_not_read():

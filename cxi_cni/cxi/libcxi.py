@@ -11,7 +11,7 @@ LIBCXI_1.5; cxil_set_svc_lpr and cxil_get_svc_lpr, LIBCXI_1.8).
 A device's resource totals are the driver's own numbers in sysfs
 (`device/properties/num_ptes` ... `num_acs`, the same as cxil_devinfo's num_* fields, whose
 struct has grown across libcxi releases), else the limits of the default service, which the
-driver sets to the totals (but TLEs: C_NUM_TLES, 2048, the Cassini count).
+driver sets to the totals (but TLEs, of which it reserves a share), else a Cassini NIC's.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from cxi_cni.cxi.backend import (
     Service,
     ServiceDesc,
 )
+from cxi_cni.cxi.shape import CASSINI_TOTALS
 from cxi_cni.cxi.stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
 
 SYSFS_ROOT_ENV = "CXI_CNI_SYSFS_ROOT"
@@ -48,7 +49,6 @@ _SYMBOL_VERSION = re.compile(rb"LIBCXI_(\d+)\.(\d+)\0")
 LIBCXI_DIRS = ("/usr/lib64", "/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/opt/cray/lib64")
 DRIVER_REV = "device/properties/driver_rev"  # under class/cxi/cxiN: the driver's git revision
 PROPERTIES = "device/properties"  # under class/cxi/cxiN: num_<resource>, rgids_avail
-CASSINI_TLES = 2048  # C_NUM_TLES
 _UINT32_MAX = 0xFFFFFFFF
 
 _dev_p = ctypes.c_void_p
@@ -297,8 +297,8 @@ class LibcxiDevice(ListingFilters):
             default = self.get_svc(DEFAULT_SVC_ID).limits
             for name, value in found.items():
                 if value is None:
-                    found[name] = (CASSINI_TLES if name == "tles" or name not in default
-                                   else default[name].max)
+                    found[name] = (default[name].max if name in default and name != "tles"
+                                   else CASSINI_TOTALS[name])
         return found
 
     def rgids_avail(self) -> int | None:

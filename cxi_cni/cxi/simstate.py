@@ -28,6 +28,7 @@ from .backend import (
     Member,
     ServiceDesc,
 )
+from .shape import CASSINI_TOTALS
 
 STATE_VERSION = 2  # 1 was one JSON file, before the database
 DEFAULT_STACK = "shs-14.0.1"
@@ -61,8 +62,6 @@ EMULATED = {
     "shs-13": Emulated(netns_calls=False, unique_vnis=False, member_types=3),
 }
 
-# Resource totals of one simulated NIC, in the order of backend.RESOURCES.
-DEFAULT_TOTALS = dict(zip(RESOURCES, (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022), strict=True))
 DEFAULT_SVC_TLES = 512  # the driver's default_svc_num_tles
 RGIDS = 255  # resource groups a device has left with no LNI (sysfs rgids_avail)
 
@@ -83,7 +82,7 @@ def emulated(state: dict) -> Emulated:
 
 
 def new_device(netdev: str, pci: str, vf: bool = False, totals: dict | None = None) -> dict:
-    totals = dict(totals or DEFAULT_TOTALS)
+    totals = dict(totals or CASSINI_TOTALS)
     return {
         "netdev": netdev,
         "pci": pci,
