@@ -538,13 +538,13 @@ def test_a_library_where_the_loader_does_not_look_is_found_and_named(lib_path, s
                                                                     monkeypatch):
     """RHEL and SLES put libcxi in /usr/lib64, which the bundled Debian loader searches only
     through /etc/ld.so.cache: say where the file is and how to make it found."""
-    from cxi_cni.cxi import libcxi
+    from cxi_cni.cxi import libload
 
     folder = tmp_path / "lib64"
     folder.mkdir()
     name = "libcxi-standin-elsewhere.so.1"
     shutil.copy(lib_path, folder / name)
-    monkeypatch.setattr(libcxi, "LIBCXI_DIRS", (str(tmp_path / "nowhere"), str(folder)))
+    monkeypatch.setattr(libload, "LIBCXI_DIRS", (str(tmp_path / "nowhere"), str(folder)))
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
     with pytest.raises(BackendUnavailable) as exc:
         LibcxiBackend(lib_path=name, sysfs_root=str(sysfs)).check()

@@ -51,9 +51,7 @@ from .simstate import (
     desc_to_json,
     emulated,
 )
-from .stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
-
-NETNS_CALLS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
+from .stacks import AUTO, NETNS_CALLS, SET_NETNS_NEEDED, ResolvesStack
 
 
 def effective_limits(desc: ServiceDesc, totals: dict, default: bool) -> dict[str, list[int]]:

@@ -45,6 +45,8 @@ PROBE_VNIS = range(65534, 65500, -1)
 # The probes' services reserve nothing and take no LE or TLE pool (a service without
 # limits would take a TLE pool, of which a NIC has 4), so a full NIC can still be probed.
 PROBE_LIMITS = {"txqs": Limit(1, 0)}
+# The calls of LIBCXI_1.10 (SHS >= 14.0.0) with which the call stacks bind and show a namespace.
+NETNS_CALLS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
 SET_NETNS_NEEDED = "libcxi >= 1.10 / LIBCXI_1.10 needed to bind a service to a network namespace"
 
 
