@@ -10,7 +10,7 @@ import os
 import re
 import stat
 import sys
-from ctypes import POINTER, c_bool, c_int, c_uint, c_uint16, c_uint32, c_void_p
+from ctypes import POINTER, c_bool, c_int, c_uint, c_uint32, c_void_p
 
 from cxi_cni.cxi import abi
 from cxi_cni.cxi.backend import BackendUnavailable
@@ -44,8 +44,6 @@ _OPTIONAL_FUNCTIONS = {
                            "bind a service to a network namespace"),
     "cxil_svc_get_netns": (c_int, [_dev_p, c_uint, POINTER(c_uint)], "1.10",
                            "bind a service to a network namespace"),
-    "cxil_svc_set_vni_range": (c_int, [_dev_p, c_uint, c_uint16, c_uint16], "1.9",
-                               "give a service a VNI range"),
     "cxil_get_svc_rsrc_use": (c_int, [_dev_p, c_uint, POINTER(abi.CxiRsrcUse)], "1.5",
                               "read what a service's processes use"),
     "cxil_set_svc_lpr": (c_int, [_dev_p, c_uint, c_uint], "1.8", "share resource groups between LNIs"),
