@@ -88,6 +88,15 @@ def test_binding_sequence(dev):
     fails(lambda: stack.netns_of(dev, sid), errno.EINVAL)
 
 
+def test_alloc_enables_a_service_by_its_restricted_vnis_not_its_enable_flag(dev):
+    """The driver enables a service with restricted VNIs at once whatever desc.enable says;
+    one without restricted VNIs waits, disabled, for a VNI range."""
+    restricted = dev.alloc_svc(ServiceDesc(restricted_vnis=True, vnis=(100,), enable=False))
+    assert dev.get_svc(restricted).enable is True
+    open_vnis = dev.alloc_svc(ServiceDesc(enable=True))
+    assert dev.get_svc(open_vnis).enable is False
+
+
 def test_filtered_listings_agree_with_the_whole_list(dev):
     """services_bound_to and system_services (the simulator answers them from its database,
     libcxi from its whole list) give what filtering the whole listing gives."""

@@ -108,7 +108,7 @@ class SimDevice:
             svc_id = next(i for i in range(DEFAULT_SVC_ID + 1, len(used) + 3) if i not in used)
             stored = desc_to_json(desc)
             stored["svc_id"] = svc_id
-            stored["enable"] = bool(desc.enable and desc.restricted_vnis)
+            stored["enable"] = bool(desc.restricted_vnis)  # the driver's choice, not desc.enable
             stored["limits"] = limits
             device["services"][str(svc_id)] = {"desc": stored, "netns": 0, "busy": 0}
             return svc_id

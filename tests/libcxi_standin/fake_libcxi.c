@@ -683,8 +683,11 @@ EXPORT int cxil_alloc_svc(struct cxil_dev *dev, const struct cxi_svc_desc *desc,
 		s->lpr = 1;
 		s->desc = kept;
 		s->desc.svc_id = lowest_free_id(st, d);
-		/* Without restricted VNIs the service waits for a VNI range. */
-		if (!(desc->flags & F_RESTRICTED_VNIS))
+		/* The driver ignores desc->enable: a service with restricted VNIs is enabled
+		 * at once, one without waits for a VNI range. */
+		if (desc->flags & F_RESTRICTED_VNIS)
+			s->desc.flags |= F_ENABLE;
+		else
 			s->desc.flags &= (uint8_t)~F_ENABLE;
 		rc = (int)s->desc.svc_id;
 	}
