@@ -133,7 +133,9 @@ def _assert_layout() -> None:
 _assert_layout()
 
 
-def _uint(value: int, bits: int, what: str) -> int:
+def _checked_field(value: int, bits: int, what: str) -> int:
+    """`value` if an unsigned field of `bits` bits holds it, else ValueError (ctypes would
+    keep its low bits without a word)."""
     if not 0 <= value < (1 << bits):
         raise ValueError(f"{what} {value} does not fit in {bits} bits")
     return value
@@ -147,14 +149,14 @@ def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     for name, bit in _BOOL_FLAGS:
         if getattr(desc, name):
             flags |= bit
-    flags |= _uint(desc.cntr_pool_id, 2, "cntr_pool_id") << CNTR_POOL_SHIFT
+    flags |= _checked_field(desc.cntr_pool_id, 2, "cntr_pool_id") << CNTR_POOL_SHIFT
     out.flags = flags
 
     if len(desc.vnis) > MAX_VNIS:
         raise ValueError(f"{len(desc.vnis)} VNIs given, a service holds at most {MAX_VNIS}")
     out.num_vld_vnis = len(desc.vnis)
     for i, vni in enumerate(desc.vnis):
-        out.vnis[i] = _uint(vni, 16, "VNI")
+        out.vnis[i] = _checked_field(vni, 16, "VNI")
 
     unknown_tcs = set(desc.tcs) - set(TRAFFIC_CLASSES)
     if unknown_tcs:
@@ -165,7 +167,7 @@ def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     if len(desc.members) != MAX_MEMBERS:
         raise ValueError(f"a service has exactly {MAX_MEMBERS} member slots")
     for slot, member in zip(out.members, desc.members, strict=True):
-        slot.id = _uint(member.id, 32, "member id")
+        slot.id = _checked_field(member.id, 32, "member id")
         slot.type = member.type
 
     unknown_resources = set(desc.limits) - set(RESOURCES)
@@ -174,10 +176,10 @@ def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     for i, resource in enumerate(RESOURCES):
         limit = desc.limits.get(resource)
         if limit is not None:
-            out.limits[i].max = _uint(limit.max, 16, f"{resource} max")
-            out.limits[i].res = _uint(limit.res, 16, f"{resource} res")
+            out.limits[i].max = _checked_field(limit.max, 16, f"{resource} max")
+            out.limits[i].res = _checked_field(limit.res, 16, f"{resource} res")
 
-    out.svc_id = _uint(desc.svc_id, 32, "svc_id")
+    out.svc_id = _checked_field(desc.svc_id, 32, "svc_id")
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from dataclasses import astuple
 
 from .backend import (
     ADMIN_CALLS,
@@ -59,8 +60,7 @@ def effective_limits(desc: ServiceDesc, totals: dict, default: bool) -> dict[str
     device's totals without resource limits; TLEs, when limited at all, reserved as their
     max and at least TLE_MIN (but for the default service)."""
     if desc.resource_limits:
-        limits = {name: [desc.limits.get(name, Limit(0, 0)).max, desc.limits.get(name, Limit(0, 0)).res]
-                  for name in RESOURCES}
+        limits = {name: list(astuple(desc.limits.get(name, Limit(0, 0)))) for name in RESOURCES}
     else:
         limits = {name: [totals[name], 0] for name in RESOURCES}
     tles = limits["tles"]
@@ -95,6 +95,13 @@ class SimDevice:
         svc = device["services"].get(str(svc_id))
         if svc is None:
             raise CxiError(op, self.name, errno.EINVAL, f"no service {svc_id}")
+        return svc
+
+    def _unused_service(self, device: dict, op: str, svc_id: int) -> dict:
+        """The service, which the driver changes only while no LNI uses it (-EBUSY)."""
+        svc = self._service(device, op, svc_id)
+        if svc["busy"]:
+            raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
         return svc
 
     def alloc_svc(self, desc: ServiceDesc) -> int:
@@ -177,9 +184,7 @@ class SimDevice:
         with self._device(op) as (device, _):
             if svc_id == DEFAULT_SVC_ID:
                 raise CxiError(op, self.name, errno.EINVAL, "the default service cannot be destroyed")
-            svc = self._service(device, op, svc_id)
-            if svc["busy"]:
-                raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
+            self._unused_service(device, op, svc_id)
             del device["services"][str(svc_id)]
 
     def svc_enable(self, svc_id: int, enable: bool) -> None:
@@ -257,10 +262,7 @@ class SimDevice:
             if not 0 <= lnis_per_rgid <= MAX_LNIS_PER_RGID:
                 raise CxiError(op, self.name, errno.EINVAL,
                                f"{lnis_per_rgid} LNIs per resource group, the most is {MAX_LNIS_PER_RGID}")
-            svc = self._service(device, op, svc_id)
-            if svc["busy"]:
-                raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
-            svc["lpr"] = lnis_per_rgid
+            self._unused_service(device, op, svc_id)["lpr"] = lnis_per_rgid
 
     def svc_get_lpr(self, svc_id: int) -> int | None:
         op = "cxil_get_svc_lpr"
