@@ -321,6 +321,8 @@ def test_lowest_free_id_is_reused_and_devices_are_separate(backend):
         (ServiceDesc.for_netns([3], limits={"acs": Limit(max=1023)}), "max > device total"),
         (ServiceDesc(restricted_members=True, members=(Member(1, 4), Member())), "member type 4"),
         (ServiceDesc(restricted_members=True, members=(Member(1, -1), Member())), "member type -1"),
+        (ServiceDesc(restricted_members=True, members=(Member(1, 2**32 + MEMBER_UID), Member())),
+         "member type truncated to UID"),
     ],
 )
 def test_alloc_rejects_invalid_descs(cxi0, desc, why):

@@ -133,17 +133,19 @@ def _assert_layout() -> None:
 _assert_layout()
 
 
-def _checked_field(value: int, bits: int, what: str) -> int:
-    """`value` if an unsigned field of `bits` bits holds it, else ValueError (ctypes would
-    keep its low bits without a word)."""
-    if not 0 <= value < (1 << bits):
-        raise ValueError(f"{what} {value} does not fit in {bits} bits")
+def _checked_field(value: int, bits: int, what: str, signed: bool = False) -> int:
+    """`value` if a field of `bits` bits (unsigned unless `signed`) holds it, else
+    ValueError (ctypes would keep its low bits without a word)."""
+    low = -(1 << (bits - 1)) if signed else 0
+    if not low <= value < low + (1 << bits):
+        raise ValueError(f"{what} {value} does not fit in {bits} {'signed ' if signed else ''}bits")
     return value
 
 
 def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     """Encode a ServiceDesc. ValueError when a value cannot be represented at all
-    (more than 4 VNIs, a VNI or limit above 65535, an unknown TC or resource name)."""
+    (more than 4 VNIs, a VNI or limit above 65535, a member type beyond int32, an unknown
+    TC or resource name)."""
     out = CxiSvcDesc()
     flags = 0
     for name, bit in _BOOL_FLAGS:
@@ -168,7 +170,7 @@ def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
         raise ValueError(f"a service has exactly {MAX_MEMBERS} member slots")
     for slot, member in zip(out.members, desc.members, strict=True):
         slot.id = _checked_field(member.id, 32, "member id")
-        slot.type = member.type
+        slot.type = _checked_field(member.type, 32, "member type", signed=True)
 
     unknown_resources = set(desc.limits) - set(RESOURCES)
     if unknown_resources:
