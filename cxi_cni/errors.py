@@ -51,6 +51,7 @@ NETNS_FIX = ("pass the path of the container's network namespace, such as /run/n
 
 
 def cxi_error(exc: CxiError) -> CniError:
+    """The CNI error of a failed driver call, with its errno's fix (-EBUSY: try again later)."""
     code = TRY_AGAIN_LATER if exc.errno == errno.EBUSY else CXI_FAILURE
     return CniError(code, str(exc), ERRNO_FIXES.get(exc.errno, "run `cxi doctor` on the node"))
 
@@ -101,6 +102,7 @@ def no_resources_error(exc: NoResources, pods: int, shape) -> CniError:
 
 
 def netns_error(exc: NetnsMissing | NetnsInvalid) -> CniError:
+    """The CNI error of a CNI_NETNS that is gone (unknown container) or no namespace."""
     code = UNKNOWN_CONTAINER if isinstance(exc, NetnsMissing) else INVALID_CONFIG
     return CniError(code, f"CNI_NETNS: {exc}", NETNS_FIX)
 

@@ -87,11 +87,13 @@ class CxiSvcFailInfo(ctypes.Structure):
 
 
 class CxiRsrcUse(ctypes.Structure):
-    """struct cxi_rsrc_use as cxil_get_svc_rsrc_use fills it since the driver's resource
-    groups (shs-cxi-driver 67c3df0, in every release from SHS 12.0.0): the service id, its
-    TLE pool, and how many of each resource its processes use (0xFFFF: not applicable).
-    The first drivers had no tle_pool_id, which moved in_use 4 bytes ahead. The driver
-    leaves svc_id 0 in the answer for one service (cxi_svc_rsrc_get does not set it)."""
+    """struct cxi_rsrc_use: how many of each resource a service's processes use.
+
+    The layout cxil_get_svc_rsrc_use fills since the driver's resource groups
+    (shs-cxi-driver 67c3df0, in every release from SHS 12.0.0): the service id, its TLE
+    pool, and the counts (0xFFFF: not applicable). The first drivers had no tle_pool_id,
+    which moved in_use 4 bytes ahead. The driver leaves svc_id 0 in the answer for one
+    service (cxi_svc_rsrc_get does not set it)."""
 
     _fields_ = [
         ("svc_id", ctypes.c_uint32),
@@ -134,8 +136,9 @@ _assert_layout()
 
 
 def _checked_field(value: int, bits: int, what: str, signed: bool = False) -> int:
-    """`value` if a field of `bits` bits (unsigned unless `signed`) holds it, else
-    ValueError (ctypes would keep its low bits without a word)."""
+    """`value`, or ValueError when a field of `bits` bits does not hold it.
+
+    The field is unsigned unless `signed`; ctypes would keep the low bits without a word."""
     low = -(1 << (bits - 1)) if signed else 0
     if not low <= value < low + (1 << bits):
         raise ValueError(f"{what} {value} does not fit in {bits} {'signed ' if signed else ''}bits")

@@ -49,6 +49,8 @@ class Limit:
 
 @dataclass(frozen=True)
 class Member:
+    """Who may use a service: a uid, a gid or (the research patches) a netns inode, by type."""
+
     id: int = 0
     type: int = MEMBER_IGNORE
 

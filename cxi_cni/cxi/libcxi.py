@@ -77,9 +77,10 @@ class LibcxiDevice(ListingFilters):
         return rc
 
     def _call(self, op: str, svc_id: int, *args, optional: bool = False) -> int | None:
-        """The library's `op` on service `svc_id` (refused when it does not fit an unsigned
-        int, which ctypes would truncate) and `args`: its answer, CxiError when negative.
-        A call the library lacks is None when `optional`, else BackendUnavailable."""
+        """Call the library's `op` on service `svc_id`: its answer, CxiError when negative.
+
+        An id that does not fit an unsigned int (ctypes would truncate it) is -EINVAL. A
+        call the library lacks is None when `optional`, else BackendUnavailable."""
         function = getattr(self._lib, op, None)
         if function is None:
             if optional:

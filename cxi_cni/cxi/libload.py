@@ -1,6 +1,8 @@
-"""Loading libcxi.so.1: dlopen it, declare the types of the functions the plugin calls, and
-say in an operator's words why a library cannot serve (not installed, not where the loader
-looks, too old for a call) and which release a library file is.
+"""Loading libcxi.so.1, and why a library cannot serve.
+
+The library is opened with the types of the functions the plugin calls declared; when it
+cannot serve (not installed, not where the loader looks, too old for a call), the error says
+so in an operator's words, and symbol_versions tells which release a library file is.
 """
 
 from __future__ import annotations
@@ -82,8 +84,10 @@ def file_of(lib: ctypes.CDLL, lib_path: str) -> str:
 
 
 def load_library(lib_path: str) -> ctypes.CDLL:
-    """dlopen libcxi and declare every function's types; BackendUnavailable with the
-    file and the missing symbol, or why the library cannot be loaded, when it cannot serve."""
+    """dlopen libcxi and declare the types of its functions.
+
+    BackendUnavailable when it cannot serve: why it cannot be loaded, or the file and the
+    function it lacks."""
     if "/" in lib_path:  # a path, not a soname: the loader would block on a FIFO there
         try:
             mode = os.stat(lib_path).st_mode
@@ -133,8 +137,10 @@ def not_loaded(lib_path: str, exc: OSError) -> BackendUnavailable:
 
 
 def symbol_versions(path: str) -> tuple[str, ...]:
-    """The LIBCXI_x.y symbol versions a library file names, oldest first (what release of
-    the library it is: LIBCXI_1.10, with the netns calls, came with SHS 14.0.0)."""
+    """The LIBCXI_x.y symbol versions a library file names, oldest first.
+
+    They tell what release of the library it is: LIBCXI_1.10, with the netns calls, came
+    with SHS 14.0.0."""
     try:
         with open(path, "rb") as fh:
             data = fh.read(64 << 20)

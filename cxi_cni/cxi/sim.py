@@ -77,9 +77,10 @@ class SimDevice:
 
     @contextlib.contextmanager
     def _device(self, op: str, write: bool = True):
-        """The device's state and the rules of the emulated stack, for one call; the
-        driver's gate of admin-only calls first (the sim's caller always has CAP_SYS_ADMIN,
-        so only a VF is refused)."""
+        """The device's state and the rules of the emulated stack, for one call.
+
+        A call the library lacks fails first, then the driver's gate of admin-only calls
+        (the sim's caller always has CAP_SYS_ADMIN, so only a VF is refused)."""
         with self.state.transaction(write) as state:
             device, rules = state["devices"].get(self.name), emulated(state)
             if device is None:

@@ -78,10 +78,13 @@ def default_state(stack: str = DEFAULT_STACK) -> dict:
 
 
 def emulated(state: dict) -> Emulated:
+    """The library calls and driver rules of the stack the state emulates."""
     return EMULATED[state.get("stack", DEFAULT_STACK)]
 
 
 def new_device(netdev: str, pci: str, vf: bool = False, totals: dict | None = None) -> dict:
+    """A simulated NIC behind `netdev`, with its default service (a Cassini's totals unless
+    `totals` says otherwise)."""
     totals = dict(totals or CASSINI_TOTALS)
     return {
         "netdev": netdev,
@@ -105,6 +108,7 @@ def default_service(totals: dict) -> ServiceDesc:
 
 
 def desc_to_json(desc: ServiceDesc) -> dict:
+    """A ServiceDesc as the state stores it."""
     return {
         "svc_id": desc.svc_id,
         "restricted_members": desc.restricted_members,
@@ -122,6 +126,7 @@ def desc_to_json(desc: ServiceDesc) -> dict:
 
 
 def desc_from_json(data: dict) -> ServiceDesc:
+    """A stored desc as the driver lists it: limits only with resource_limits, and not 0/0."""
     members = tuple(Member(int(i), int(t)) for i, t in data["members"])
     return ServiceDesc(
         svc_id=data["svc_id"],

@@ -211,6 +211,7 @@ def raise_if_held(dev, vnis) -> None:
 
 
 def exists(dev, svc_id: int) -> bool:
+    """Whether `dev` has service `svc_id` (cxil_get_svc finds it)."""
     try:
         dev.get_svc(svc_id)
     except CxiError:
