@@ -14,7 +14,14 @@ from .cni.errors import (
     UNKNOWN_CONTAINER,
     CniError,
 )
-from .cxi.backend import DEFAULT_SVC_ID, BackendUnavailable, CxiError, NoResources, VniInUse
+from .cxi.backend import (
+    DEFAULT_SVC_ID,
+    NOT_PERMITTED,
+    BackendUnavailable,
+    CxiError,
+    NoResources,
+    VniInUse,
+)
 from .cxi.shape import LE_POOLS, TLE_POOLS
 from .netns import NetnsInvalid, NetnsMissing
 from .state import AttachmentBusy, StateError
@@ -32,7 +39,7 @@ ERRNO_FIXES = {
     errno.ENOSPC: "the device has too few free resources: lower cxi.limits or free services",
     errno.EINVAL: "check cxi.vnis, cxi.tcs and cxi.limits against the device (cxi doctor)",
     errno.EBUSY: "a process in the pod still holds the NIC; the runtime will retry",
-    errno.EPERM: "the device is a VF: bind services on the physical function",
+    errno.EPERM: NOT_PERMITTED,
     errno.EEXIST: "the service already has a UID/GID member",
     errno.ENODEV: "the CXI device is gone (cxi doctor lists the present ones)",
     errno.EBADR: "the NIC has no LE or TLE pool left (a driver before SHS 14.0.0 says so this "
@@ -44,6 +51,7 @@ NETNS_FIX = ("pass the path of the container's network namespace, such as /run/n
 
 
 def cxi_error(exc: CxiError) -> CniError:
+    """The CNI error of a failed driver call, with its errno's fix (-EBUSY: try again later)."""
     code = TRY_AGAIN_LATER if exc.errno == errno.EBUSY else CXI_FAILURE
     return CniError(code, str(exc), ERRNO_FIXES.get(exc.errno, "run `cxi doctor` on the node"))
 
@@ -94,6 +102,7 @@ def no_resources_error(exc: NoResources, pods: int, shape) -> CniError:
 
 
 def netns_error(exc: NetnsMissing | NetnsInvalid) -> CniError:
+    """The CNI error of a CNI_NETNS that is gone (unknown container) or no namespace."""
     code = UNKNOWN_CONTAINER if isinstance(exc, NetnsMissing) else INVALID_CONFIG
     return CniError(code, f"CNI_NETNS: {exc}", NETNS_FIX)
 

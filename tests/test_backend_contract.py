@@ -11,9 +11,11 @@ from conftest import LibcxiSetup, SimSetup, libcxi_setup
 
 from cxi_cni.cxi import stacks
 from cxi_cni.cxi.backend import (
+    ADMIN_CALLS,
     MEMBER_IGNORE,
     MEMBER_NET_NS,
     MEMBER_UID,
+    NOT_PERMITTED,
     RESOURCES,
     BackendUnavailable,
     CxiError,
@@ -84,6 +86,15 @@ def test_binding_sequence(dev):
     dev.destroy_svc(sid)
     fails(dev.get_svc, errno.EINVAL, sid)
     fails(lambda: stack.netns_of(dev, sid), errno.EINVAL)
+
+
+def test_alloc_enables_a_service_by_its_restricted_vnis_not_its_enable_flag(dev):
+    """The driver enables a service with restricted VNIs at once whatever desc.enable says;
+    one without restricted VNIs waits, disabled, for a VNI range."""
+    restricted = dev.alloc_svc(ServiceDesc(restricted_vnis=True, vnis=(100,), enable=False))
+    assert dev.get_svc(restricted).enable is True
+    open_vnis = dev.alloc_svc(ServiceDesc(enable=True))
+    assert dev.get_svc(open_vnis).enable is False
 
 
 def test_filtered_listings_agree_with_the_whole_list(dev):
@@ -204,13 +215,28 @@ def test_set_netns_rules(dev):
     fails(dev.svc_set_netns, errno.EEXIST, dev.alloc_svc(with_uid), 4026532999)
 
 
-def test_set_netns_on_a_vf_is_refused(cxi_setup):
+def test_a_vf_refuses_every_admin_call_and_answers_the_rest(cxi_setup):
+    """The driver's gate of admin-only calls: on a VF each is -EPERM before the call looks
+    at its arguments (service 1 cannot be destroyed, 777 does not exist: EINVAL on a PF);
+    listing and reading services stay open."""
     cxi_setup.seed({"cxi0": ("hsn0", True, None)})
     dev = cxi_setup.backend().open("cxi0")
-    call_stack_only(dev)
-    sid = dev.alloc_svc(ServiceDesc.for_netns([100]))
-    dev.svc_enable(sid, False)
-    fails(dev.svc_set_netns, errno.EPERM, sid, 4026532999)
+    calls = {"cxil_alloc_svc": lambda: dev.alloc_svc(ServiceDesc.for_netns([100])),
+             "cxil_destroy_svc": lambda: dev.destroy_svc(1),
+             "cxil_svc_enable": lambda: dev.svc_enable(777, True),
+             "cxil_set_svc_lpr": lambda: dev.svc_set_lpr(777, 2)}
+    if dev.stack.netns_calls:
+        calls["cxil_svc_set_netns"] = lambda: dev.svc_set_netns(777, INODE)
+    assert set(calls) | {"cxil_svc_set_netns"} == set(ADMIN_CALLS)
+    for op, call in calls.items():
+        assert fails(call, errno.EPERM).op == op
+    assert [s.svc_id for s in dev.list_services()] == [1]
+    assert dev.get_svc(1).vnis == (1, 10) and dev.svc_get_lpr(1) == 1
+    assert dev.svc_rsrc_use(1) is not None
+    if dev.stack.netns_calls:
+        assert dev.svc_get_netns(1) == 0
+    probe = stacks.probe_shared_vni(dev)
+    assert probe.answer is None and probe.detail.endswith(NOT_PERMITTED), probe
 
 
 @pytest.fixture(params=["sim", "libcxi"])

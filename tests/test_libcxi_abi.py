@@ -33,6 +33,7 @@ from cxi_cni.cxi.backend import (
     ServiceDesc,
 )
 from cxi_cni.cxi.libcxi import LibcxiBackend
+from cxi_cni.cxi.shape import CASSINI_TOTALS
 
 REPO = Path(__file__).resolve().parents[1]
 NETNS_INODE = 4026532281
@@ -320,6 +321,8 @@ def test_lowest_free_id_is_reused_and_devices_are_separate(backend):
         (ServiceDesc.for_netns([3], limits={"acs": Limit(max=1023)}), "max > device total"),
         (ServiceDesc(restricted_members=True, members=(Member(1, 4), Member())), "member type 4"),
         (ServiceDesc(restricted_members=True, members=(Member(1, -1), Member())), "member type -1"),
+        (ServiceDesc(restricted_members=True, members=(Member(1, 2**32 + MEMBER_UID), Member())),
+         "member type truncated to UID"),
     ],
 )
 def test_alloc_rejects_invalid_descs(cxi0, desc, why):
@@ -351,6 +354,18 @@ def test_totals_without_sysfs_come_from_the_default_service(lib_path, tmp_path, 
         assert device.totals() == {"ptes": 100, "txqs": 90, "tgqs": 80, "eqs": 70, "cts": 60,
                                    "les": 50, "tles": 2048, "acs": 30}
         assert device.rgids_avail() is None
+
+
+def test_totals_the_default_service_does_not_show_are_a_cassinis(lib_path, tmp_path, state):
+    """No num_* properties and a default service that limits LEs only: the other totals
+    are a Cassini NIC's, each its own (not the TLE count)."""
+    root = standin.make_sysfs(tmp_path / "bare", [standin.Nic("cxi0", "hsn0", "0000:21:00.0", None)])
+    standin.write_device(state, 0)
+    default = ServiceDesc(svc_id=1, restricted_vnis=True, vnis=(1, 10), resource_limits=True,
+                          limits={"les": Limit(50, 0)})
+    standin.write_service(state, 0, bytes(abi.desc_to_struct(default)))
+    with LibcxiBackend(str(lib_path), str(root)).open("cxi0") as device:
+        assert device.totals() == {**CASSINI_TOTALS, "les": 50}
 
 
 def test_resource_use_of_another_layout_is_not_read():
@@ -400,16 +415,6 @@ def test_set_netns_rules(cxi0):
     with pytest.raises(CxiError) as exc:
         cxi0.svc_set_netns(999, NETNS_INODE)
     assert errno_of(exc) == errno.EINVAL
-
-
-def test_set_netns_on_a_vf_is_refused(lib_path, sysfs, state):
-    standin.write_device(state, 1, is_vf=True)
-    backend = LibcxiBackend(lib_path=str(lib_path), sysfs_root=str(sysfs))
-    with backend.open("cxi1") as vf:
-        svc_id = vf.alloc_svc(ServiceDesc.for_netns([9]))
-        with pytest.raises(CxiError) as exc:
-            vf.svc_set_netns(svc_id, NETNS_INODE)
-        assert errno_of(exc) == errno.EPERM
 
 
 def test_unknown_ids_and_out_of_range_values(cxi0):
@@ -535,13 +540,13 @@ def test_a_library_where_the_loader_does_not_look_is_found_and_named(lib_path, s
                                                                     monkeypatch):
     """RHEL and SLES put libcxi in /usr/lib64, which the bundled Debian loader searches only
     through /etc/ld.so.cache: say where the file is and how to make it found."""
-    from cxi_cni.cxi import libcxi
+    from cxi_cni.cxi import libload
 
     folder = tmp_path / "lib64"
     folder.mkdir()
     name = "libcxi-standin-elsewhere.so.1"
     shutil.copy(lib_path, folder / name)
-    monkeypatch.setattr(libcxi, "LIBCXI_DIRS", (str(tmp_path / "nowhere"), str(folder)))
+    monkeypatch.setattr(libload, "LIBCXI_DIRS", (str(tmp_path / "nowhere"), str(folder)))
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
     with pytest.raises(BackendUnavailable) as exc:
         LibcxiBackend(lib_path=name, sysfs_root=str(sysfs)).check()

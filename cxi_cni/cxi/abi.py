@@ -87,11 +87,13 @@ class CxiSvcFailInfo(ctypes.Structure):
 
 
 class CxiRsrcUse(ctypes.Structure):
-    """struct cxi_rsrc_use as cxil_get_svc_rsrc_use fills it since the driver's resource
-    groups (shs-cxi-driver 67c3df0, in every release from SHS 12.0.0): the service id, its
-    TLE pool, and how many of each resource its processes use (0xFFFF: not applicable).
-    The first drivers had no tle_pool_id, which moved in_use 4 bytes ahead. The driver
-    leaves svc_id 0 in the answer for one service (cxi_svc_rsrc_get does not set it)."""
+    """struct cxi_rsrc_use: how many of each resource a service's processes use.
+
+    The layout cxil_get_svc_rsrc_use fills since the driver's resource groups
+    (shs-cxi-driver 67c3df0, in every release from SHS 12.0.0): the service id, its TLE
+    pool, and the counts (0xFFFF: not applicable). The first drivers had no tle_pool_id,
+    which moved in_use 4 bytes ahead. The driver leaves svc_id 0 in the answer for one
+    service (cxi_svc_rsrc_get does not set it)."""
 
     _fields_ = [
         ("svc_id", ctypes.c_uint32),
@@ -133,28 +135,33 @@ def _assert_layout() -> None:
 _assert_layout()
 
 
-def _uint(value: int, bits: int, what: str) -> int:
-    if not 0 <= value < (1 << bits):
-        raise ValueError(f"{what} {value} does not fit in {bits} bits")
+def _checked_field(value: int, bits: int, what: str, signed: bool = False) -> int:
+    """`value`, or ValueError when a field of `bits` bits does not hold it.
+
+    The field is unsigned unless `signed`; ctypes would keep the low bits without a word."""
+    low = -(1 << (bits - 1)) if signed else 0
+    if not low <= value < low + (1 << bits):
+        raise ValueError(f"{what} {value} does not fit in {bits} {'signed ' if signed else ''}bits")
     return value
 
 
 def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     """Encode a ServiceDesc. ValueError when a value cannot be represented at all
-    (more than 4 VNIs, a VNI or limit above 65535, an unknown TC or resource name)."""
+    (more than 4 VNIs, a VNI or limit above 65535, a member type beyond int32, an unknown
+    TC or resource name)."""
     out = CxiSvcDesc()
     flags = 0
     for name, bit in _BOOL_FLAGS:
         if getattr(desc, name):
             flags |= bit
-    flags |= _uint(desc.cntr_pool_id, 2, "cntr_pool_id") << CNTR_POOL_SHIFT
+    flags |= _checked_field(desc.cntr_pool_id, 2, "cntr_pool_id") << CNTR_POOL_SHIFT
     out.flags = flags
 
     if len(desc.vnis) > MAX_VNIS:
         raise ValueError(f"{len(desc.vnis)} VNIs given, a service holds at most {MAX_VNIS}")
     out.num_vld_vnis = len(desc.vnis)
     for i, vni in enumerate(desc.vnis):
-        out.vnis[i] = _uint(vni, 16, "VNI")
+        out.vnis[i] = _checked_field(vni, 16, "VNI")
 
     unknown_tcs = set(desc.tcs) - set(TRAFFIC_CLASSES)
     if unknown_tcs:
@@ -165,8 +172,8 @@ def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     if len(desc.members) != MAX_MEMBERS:
         raise ValueError(f"a service has exactly {MAX_MEMBERS} member slots")
     for slot, member in zip(out.members, desc.members, strict=True):
-        slot.id = _uint(member.id, 32, "member id")
-        slot.type = member.type
+        slot.id = _checked_field(member.id, 32, "member id")
+        slot.type = _checked_field(member.type, 32, "member type", signed=True)
 
     unknown_resources = set(desc.limits) - set(RESOURCES)
     if unknown_resources:
@@ -174,10 +181,10 @@ def desc_to_struct(desc: ServiceDesc) -> CxiSvcDesc:
     for i, resource in enumerate(RESOURCES):
         limit = desc.limits.get(resource)
         if limit is not None:
-            out.limits[i].max = _uint(limit.max, 16, f"{resource} max")
-            out.limits[i].res = _uint(limit.res, 16, f"{resource} res")
+            out.limits[i].max = _checked_field(limit.max, 16, f"{resource} max")
+            out.limits[i].res = _checked_field(limit.res, 16, f"{resource} res")
 
-    out.svc_id = _uint(desc.svc_id, 32, "svc_id")
+    out.svc_id = _checked_field(desc.svc_id, 32, "svc_id")
     return out
 
 

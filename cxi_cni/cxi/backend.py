@@ -27,6 +27,17 @@ MEMBER_IGNORE, MEMBER_UID, MEMBER_GID, MEMBER_NET_NS = 0, 1, 2, 3
 DEFAULT_SVC_ID = 1
 MAX_VNIS = 4
 
+# The calls the driver lets through only for a caller with CAP_SYS_ADMIN on a physical
+# function: -EPERM otherwise, for either cause (its ioctl gate of admin-only ops, checked
+# before the op itself). Listing and reading services is open to everyone.
+ADMIN_CALLS = ("cxil_alloc_svc", "cxil_destroy_svc", "cxil_svc_enable", "cxil_svc_set_netns",
+               "cxil_set_svc_lpr")
+NOT_PERMITTED = ("the CXI driver lets a process create, destroy, enable or bind a service only "
+                 "with CAP_SYS_ADMIN and only on a physical function: run it as root (container "
+                 "runtimes run CNI plugins as root; run `cxi doctor` with sudo), and where the "
+                 "NIC is an SR-IOV VF (a virtual machine's) manage services on the host's "
+                 "physical function instead")
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -38,6 +49,8 @@ class Limit:
 
 @dataclass(frozen=True)
 class Member:
+    """Who may use a service: a uid, a gid or (the research patches) a netns inode, by type."""
+
     id: int = 0
     type: int = MEMBER_IGNORE
 

@@ -2,16 +2,16 @@
 
 Devices are discovered through sysfs (`<root>/class/cxi/cxiN`); the root is `/sys`
 unless the `CXI_CNI_SYSFS_ROOT` environment variable (a test and debug hook) or the
-constructor names another. The library is loaded only when a call needs it, so importing
-this module costs no more than ctypes. Which stack the node runs (stacks.py) follows from
-the library's symbols: cxil_svc_set_netns and cxil_svc_get_netns are declared when present,
-like the resource calls of older versions the plugin can do without (cxil_get_svc_rsrc_use,
-LIBCXI_1.5; cxil_set_svc_lpr and cxil_get_svc_lpr, LIBCXI_1.8).
+constructor names another. The library is loaded (libload.py) only when a call needs it,
+so importing this module costs no more than ctypes. Which stack the node runs (stacks.py)
+follows from the library's symbols: whether it has cxil_svc_set_netns and
+cxil_svc_get_netns. The resource calls of older versions (cxil_get_svc_rsrc_use,
+LIBCXI_1.5; cxil_set_svc_lpr and cxil_get_svc_lpr, LIBCXI_1.8) the plugin can do without.
 
 A device's resource totals are the driver's own numbers in sysfs
 (`device/properties/num_ptes` ... `num_acs`, the same as cxil_devinfo's num_* fields, whose
 struct has grown across libcxi releases), else the limits of the default service, which the
-driver sets to the totals (but TLEs: C_NUM_TLES, 2048, the Cassini count).
+driver sets to the totals (but TLEs, of which it reserves a share), else a Cassini NIC's.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import ctypes
 import errno
 import os
 import re
-import stat
-import sys
 from dataclasses import replace
 
 from cxi_cni.cxi import abi
@@ -35,144 +33,16 @@ from cxi_cni.cxi.backend import (
     Service,
     ServiceDesc,
 )
-from cxi_cni.cxi.stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
+from cxi_cni.cxi.libload import file_of, load_library, missing, symbol_versions
+from cxi_cni.cxi.shape import CASSINI_TOTALS
+from cxi_cni.cxi.stacks import AUTO, NETNS_CALLS, ResolvesStack
 
 SYSFS_ROOT_ENV = "CXI_CNI_SYSFS_ROOT"
 DEFAULT_LIB_PATH = "libcxi.so.1"
 _CXI_NAME = re.compile(r"cxi(\d+)")
-_SYMBOL_VERSION = re.compile(rb"LIBCXI_(\d+)\.(\d+)\0")
-# Where libcxi packages put the library, looked at only to explain a failed load. The
-# loader itself searches LD_LIBRARY_PATH, /etc/ld.so.cache and its default directories
-# (for the bundled Debian loader /lib/x86_64-linux-gnu, /usr/lib/x86_64-linux-gnu, /lib
-# and /usr/lib: not /usr/lib64, where RHEL and SLES packages install it).
-LIBCXI_DIRS = ("/usr/lib64", "/lib64", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/opt/cray/lib64")
 DRIVER_REV = "device/properties/driver_rev"  # under class/cxi/cxiN: the driver's git revision
 PROPERTIES = "device/properties"  # under class/cxi/cxiN: num_<resource>, rgids_avail
-CASSINI_TLES = 2048  # C_NUM_TLES
 _UINT32_MAX = 0xFFFFFFFF
-
-_dev_p = ctypes.c_void_p
-_uint = ctypes.c_uint
-
-# name: (restype, argtypes, first symbol version, what it is needed for)
-_FUNCTIONS = {
-    "cxil_open_device": (ctypes.c_int, [ctypes.c_uint32, ctypes.POINTER(_dev_p)], "1.0", "open a CXI device"),
-    "cxil_close_device": (None, [_dev_p], "1.0", "close a CXI device"),
-    "cxil_alloc_svc": (
-        ctypes.c_int,
-        [_dev_p, ctypes.POINTER(abi.CxiSvcDesc), ctypes.POINTER(abi.CxiSvcFailInfo)],
-        "1.0",
-        "create a service",
-    ),
-    "cxil_destroy_svc": (ctypes.c_int, [_dev_p, _uint], "1.0", "destroy a service"),
-    "cxil_get_svc_list": (ctypes.c_int, [_dev_p, ctypes.POINTER(ctypes.c_void_p)], "1.0", "list services"),
-    "cxil_free_svc_list": (None, [ctypes.c_void_p], "1.0", "free a service list"),
-    "cxil_get_svc": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(abi.CxiSvcDesc)], "1.2", "read a service"),
-    "cxil_svc_enable": (ctypes.c_int, [_dev_p, _uint, ctypes.c_bool], "1.9", "enable or disable a service"),
-}
-# Declared when present: the netns calls of LIBCXI_1.10 (SHS >= 14.0.0), which the call
-# stacks need and the member stack does without, and calls the plugin does not use.
-_NETNS_FUNCTIONS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
-_OPTIONAL_FUNCTIONS = {
-    "cxil_svc_set_netns": (ctypes.c_int, [_dev_p, _uint, _uint]),
-    "cxil_svc_get_netns": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(_uint)]),
-    "cxil_svc_set_vni_range": (ctypes.c_int, [_dev_p, _uint, ctypes.c_uint16, ctypes.c_uint16]),
-    "cxil_get_svc_rsrc_use": (ctypes.c_int, [_dev_p, _uint, ctypes.POINTER(abi.CxiRsrcUse)]),
-    "cxil_set_svc_lpr": (ctypes.c_int, [_dev_p, _uint, _uint]),
-    "cxil_get_svc_lpr": (ctypes.c_int, [_dev_p, _uint]),
-}
-LPR_NEEDED = "libcxi >= 1.8 / LIBCXI_1.8 needed to share resource groups between LNIs"
-
-
-class _DlInfo(ctypes.Structure):
-    _fields_ = [
-        ("dli_fname", ctypes.c_char_p),
-        ("dli_fbase", ctypes.c_void_p),
-        ("dli_sname", ctypes.c_char_p),
-        ("dli_saddr", ctypes.c_void_p),
-    ]
-
-
-def _file_of(lib: ctypes.CDLL, lib_path: str) -> str:
-    """The file the dynamic loader actually mapped for `lib` (falls back to lib_path)."""
-    try:
-        dladdr = ctypes.CDLL(None).dladdr
-        dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
-        symbol = next(name for name in _FUNCTIONS if hasattr(lib, name))
-        info = _DlInfo()
-        if dladdr(ctypes.cast(getattr(lib, symbol), ctypes.c_void_p), ctypes.byref(info)) and info.dli_fname:
-            return os.path.realpath(os.fsdecode(info.dli_fname))
-    except (AttributeError, OSError, StopIteration):
-        pass
-    return lib_path
-
-
-def load_library(lib_path: str) -> ctypes.CDLL:
-    """dlopen libcxi and declare every function's types; BackendUnavailable with the
-    file and the missing symbol, or why the library cannot be loaded, when it cannot serve."""
-    if "/" in lib_path:  # a path, not a soname: the loader would block on a FIFO there
-        try:
-            mode = os.stat(lib_path).st_mode
-        except OSError:
-            mode = stat.S_IFREG  # absent or unreadable: the loader's own error says so below
-        if not stat.S_ISREG(mode):
-            raise BackendUnavailable(f"cannot load the CXI library {lib_path}: not a regular file")
-    try:
-        lib = ctypes.CDLL(lib_path)
-    except OSError as exc:
-        raise not_loaded(lib_path, exc) from None
-    for name, (restype, argtypes, version, purpose) in _FUNCTIONS.items():
-        if not hasattr(lib, name):
-            raise BackendUnavailable(
-                f"{_file_of(lib, lib_path)} has no {name} (libcxi >= {version} / LIBCXI_{version} needed to {purpose})"
-            )
-        function = getattr(lib, name)
-        function.restype, function.argtypes = restype, argtypes
-    for name, (restype, argtypes) in _OPTIONAL_FUNCTIONS.items():
-        if hasattr(lib, name):
-            function = getattr(lib, name)
-            function.restype, function.argtypes = restype, argtypes
-    return lib
-
-
-def not_loaded(lib_path: str, exc: OSError) -> BackendUnavailable:
-    """Why the loader could not load `lib_path`, in the words of a node's operator. The
-    frozen program's ctypes wraps the loader's error in PyInstaller's own ("not found when
-    the application was frozen"), which would send the reader to the build: the loader's
-    message is its cause."""
-    reason = str(exc.__cause__ or exc)
-    head = f"cannot load the CXI library {lib_path}: "
-    install = ("install libcxi (the HPE Slingshot host software's libcxi package) on the node, "
-               "or set cxi.libcxi to the library's full path")
-    if "No such file or directory" not in reason:
-        return BackendUnavailable(head + reason)
-    if "/" in lib_path:
-        return BackendUnavailable(f"{head}no such file (No such file or directory); {install}")
-    found = [os.path.join(d, lib_path) for d in LIBCXI_DIRS if os.path.isfile(os.path.join(d, lib_path))]
-    # The frozen program's bootloader sets its own folder, keeping the caller's value in _ORIG.
-    frozen = getattr(sys, "frozen", False)
-    ld_path = os.environ.get("LD_LIBRARY_PATH_ORIG" if frozen else "LD_LIBRARY_PATH") or "unset"
-    search = f"LD_LIBRARY_PATH ({ld_path}), /etc/ld.so.cache and its default directories"
-    if found:
-        return BackendUnavailable(
-            f"{head}it is at {found[0]}, but the dynamic loader does not look there (it searched "
-            f"{search}); run ldconfig so that /etc/ld.so.cache lists it, or set cxi.libcxi to "
-            f"{found[0]}")
-    return BackendUnavailable(
-        f"{head}libcxi is not installed on this node (No such file or directory: the dynamic "
-        f"loader searched {search}, and it is in none of {', '.join(LIBCXI_DIRS)}); {install}")
-
-
-def symbol_versions(path: str) -> tuple[str, ...]:
-    """The LIBCXI_x.y symbol versions a library file names, oldest first (what release of
-    the library it is: LIBCXI_1.10, with the netns calls, came with SHS 14.0.0)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(64 << 20)
-    except OSError:
-        return ()
-    found = {(int(major), int(minor)) for major, minor in _SYMBOL_VERSION.findall(data)}
-    return tuple(f"LIBCXI_{major}.{minor}" for major, minor in sorted(found))
 
 
 def _u32(op: str, device: str, value: int, what: str) -> int:
@@ -201,10 +71,22 @@ class LibcxiDevice(ListingFilters):
             raise ValueError(f"device {self.name} is closed")
         return self._handle
 
-    def _check(self, op: str, rc: int, detail: str = "") -> int:
+    def _check(self, op: str, rc: int) -> int:
         if rc < 0:
-            raise CxiError(op, self.name, -rc, detail)
+            raise CxiError(op, self.name, -rc)
         return rc
+
+    def _call(self, op: str, svc_id: int, *args, optional: bool = False) -> int | None:
+        """Call the library's `op` on service `svc_id`: its answer, CxiError when negative.
+
+        An id that does not fit an unsigned int (ctypes would truncate it) is -EINVAL. A
+        call the library lacks is None when `optional`, else BackendUnavailable."""
+        function = getattr(self._lib, op, None)
+        if function is None:
+            if optional:
+                return None
+            raise missing(self._lib_file, op)
+        return self._check(op, function(self._dev(), _u32(op, self.name, svc_id, "service id"), *args))
 
     def alloc_svc(self, desc: ServiceDesc) -> int:
         try:
@@ -218,56 +100,46 @@ class LibcxiDevice(ListingFilters):
         return self._check("cxil_alloc_svc", rc)
 
     def destroy_svc(self, svc_id: int) -> None:
-        svc_id = _u32("cxil_destroy_svc", self.name, svc_id, "service id")
-        self._check("cxil_destroy_svc", self._lib.cxil_destroy_svc(self._dev(), svc_id))
+        self._call("cxil_destroy_svc", svc_id)
 
     def svc_enable(self, svc_id: int, enable: bool) -> None:
-        svc_id = _u32("cxil_svc_enable", self.name, svc_id, "service id")
-        self._check("cxil_svc_enable", self._lib.cxil_svc_enable(self._dev(), svc_id, bool(enable)))
-
-    def _netns_call(self, name: str):
-        if not hasattr(self._lib, name):
-            raise BackendUnavailable(f"{self._lib_file} has no {name} ({SET_NETNS_NEEDED})")
-        return getattr(self._lib, name)
+        self._call("cxil_svc_enable", svc_id, bool(enable))
 
     def svc_set_netns(self, svc_id: int, netns_inode: int) -> None:
-        set_netns = self._netns_call("cxil_svc_set_netns")
-        svc_id = _u32("cxil_svc_set_netns", self.name, svc_id, "service id")
         inode = _u32("cxil_svc_set_netns", self.name, netns_inode, "netns inode")
-        self._check("cxil_svc_set_netns", set_netns(self._dev(), svc_id, inode))
+        self._call("cxil_svc_set_netns", svc_id, inode)
 
-    def _get_netns_rc(self, svc_id: int) -> tuple[int, int]:
-        inode = _uint(0)
-        rc = self._netns_call("cxil_svc_get_netns")(self._dev(), svc_id, ctypes.byref(inode))
-        return rc, inode.value
+    def _netns_entry(self, svc_id: int) -> int | None:
+        """cxil_svc_get_netns: the inode, None for -EINVAL (no netns entry, or no service)."""
+        inode = ctypes.c_uint(0)
+        try:
+            self._call("cxil_svc_get_netns", svc_id, ctypes.byref(inode))
+        except CxiError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return None
+        return inode.value
 
     def _listed_netns(self, svc_id: int) -> int:
         """cxil_svc_get_netns for a listed service: -EINVAL means no netns entry."""
-        rc, inode = self._get_netns_rc(svc_id)
-        if rc == -errno.EINVAL:
-            return 0
-        self._check("cxil_svc_get_netns", rc)
-        return inode
+        return self._netns_entry(svc_id) or 0
 
     def svc_get_netns(self, svc_id: int) -> int:
         """The inode the service is bound to, 0 when it is bound to none. The driver
         answers -EINVAL both for an unknown service and for a service without a netns
         entry, so -EINVAL is 0 only if the service is found to exist."""
-        svc_id = _u32("cxil_svc_get_netns", self.name, svc_id, "service id")
-        rc, inode = self._get_netns_rc(svc_id)
-        if rc == -errno.EINVAL:
+        inode = self._netns_entry(svc_id)
+        if inode is None:
             try:
                 self.get_svc(svc_id)
             except CxiError as exc:
                 raise CxiError("cxil_svc_get_netns", self.name, exc.errno, exc.detail) from None
             return 0
-        self._check("cxil_svc_get_netns", rc)
         return inode
 
     def get_svc(self, svc_id: int) -> ServiceDesc:
-        svc_id = _u32("cxil_get_svc", self.name, svc_id, "service id")
         raw = abi.CxiSvcDesc()
-        self._check("cxil_get_svc", self._lib.cxil_get_svc(self._dev(), svc_id, ctypes.byref(raw)))
+        self._call("cxil_get_svc", svc_id, ctypes.byref(raw))
         return abi.struct_to_desc(raw)
 
     def list_services(self, netns: bool = True) -> list[Service]:
@@ -297,33 +169,24 @@ class LibcxiDevice(ListingFilters):
             default = self.get_svc(DEFAULT_SVC_ID).limits
             for name, value in found.items():
                 if value is None:
-                    found[name] = (CASSINI_TLES if name == "tles" or name not in default
-                                   else default[name].max)
+                    found[name] = (default[name].max if name in default and name != "tles"
+                                   else CASSINI_TOTALS[name])
         return found
 
     def rgids_avail(self) -> int | None:
         return self._property("rgids_avail")
 
     def svc_rsrc_use(self, svc_id: int) -> dict[str, int] | None:
-        if not hasattr(self._lib, "cxil_get_svc_rsrc_use"):
-            return None
-        svc_id = _u32("cxil_get_svc_rsrc_use", self.name, svc_id, "service id")
         raw = abi.CxiRsrcUse()
-        self._check("cxil_get_svc_rsrc_use",
-                    self._lib.cxil_get_svc_rsrc_use(self._dev(), svc_id, ctypes.byref(raw)))
+        if self._call("cxil_get_svc_rsrc_use", svc_id, ctypes.byref(raw), optional=True) is None:
+            return None
         return abi.rsrc_use_counts(raw, svc_id)
 
     def svc_set_lpr(self, svc_id: int, lnis_per_rgid: int) -> None:
-        if not hasattr(self._lib, "cxil_set_svc_lpr"):
-            raise BackendUnavailable(f"{self._lib_file} has no cxil_set_svc_lpr ({LPR_NEEDED})")
-        svc_id = _u32("cxil_set_svc_lpr", self.name, svc_id, "service id")
-        self._check("cxil_set_svc_lpr", self._lib.cxil_set_svc_lpr(self._dev(), svc_id, lnis_per_rgid))
+        self._call("cxil_set_svc_lpr", svc_id, lnis_per_rgid)
 
     def svc_get_lpr(self, svc_id: int) -> int | None:
-        if not hasattr(self._lib, "cxil_get_svc_lpr"):
-            return None
-        svc_id = _u32("cxil_get_svc_lpr", self.name, svc_id, "service id")
-        return self._check("cxil_get_svc_lpr", self._lib.cxil_get_svc_lpr(self._dev(), svc_id))
+        return self._call("cxil_get_svc_lpr", svc_id, optional=True)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -351,8 +214,8 @@ class LibcxiBackend(ResolvesStack):
     def library(self, with_versions: bool = False) -> LibraryInfo:
         if self._info is None:
             lib = self._library()
-            self._info = LibraryInfo(_file_of(lib, self.lib_path), (),
-                                     all(hasattr(lib, name) for name in _NETNS_FUNCTIONS))
+            self._info = LibraryInfo(file_of(lib, self.lib_path), (),
+                                     all(hasattr(lib, name) for name in NETNS_CALLS))
         if with_versions and not self._info.versions:  # reads the file: for doctor, not ADD
             self._info = replace(self._info, versions=symbol_versions(self._info.file))
         return self._info
@@ -407,7 +270,7 @@ class LibcxiBackend(ResolvesStack):
         if not match or name not in self.device_names():
             raise CxiError("cxil_open_device", name, errno.ENODEV, f"no such CXI device under {self._class_dir('cxi')}")
         lib, stack = self._library(), self.stack
-        handle = _dev_p()
+        handle = ctypes.c_void_p()
         rc = lib.cxil_open_device(int(match.group(1)), ctypes.byref(handle))
         if rc < 0:
             raise CxiError("cxil_open_device", name, -rc)

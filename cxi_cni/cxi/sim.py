@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from dataclasses import astuple
 
 from .backend import (
+    ADMIN_CALLS,
     DEFAULT_SVC_ID,
     MAX_VNIS,
     MEMBER_GID,
@@ -50,9 +52,7 @@ from .simstate import (
     desc_to_json,
     emulated,
 )
-from .stacks import AUTO, SET_NETNS_NEEDED, ResolvesStack
-
-NETNS_CALLS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
+from .stacks import AUTO, NETNS_CALLS, SET_NETNS_NEEDED, ResolvesStack
 
 
 def effective_limits(desc: ServiceDesc, totals: dict, default: bool) -> dict[str, list[int]]:
@@ -60,8 +60,7 @@ def effective_limits(desc: ServiceDesc, totals: dict, default: bool) -> dict[str
     device's totals without resource limits; TLEs, when limited at all, reserved as their
     max and at least TLE_MIN (but for the default service)."""
     if desc.resource_limits:
-        limits = {name: [desc.limits.get(name, Limit(0, 0)).max, desc.limits.get(name, Limit(0, 0)).res]
-                  for name in RESOURCES}
+        limits = {name: list(astuple(desc.limits.get(name, Limit(0, 0)))) for name in RESOURCES}
     else:
         limits = {name: [totals[name], 0] for name in RESOURCES}
     tles = limits["tles"]
@@ -78,7 +77,10 @@ class SimDevice:
 
     @contextlib.contextmanager
     def _device(self, op: str, write: bool = True):
-        """The device's state and the rules of the emulated stack, for one call."""
+        """The device's state and the rules of the emulated stack, for one call.
+
+        A call the library lacks fails first, then the driver's gate of admin-only calls
+        (the sim's caller always has CAP_SYS_ADMIN, so only a VF is refused)."""
         with self.state.transaction(write) as state:
             device, rules = state["devices"].get(self.name), emulated(state)
             if device is None:
@@ -86,12 +88,21 @@ class SimDevice:
             if op in NETNS_CALLS and not rules.netns_calls:
                 raise BackendUnavailable(f"the simulated library ({state['stack']}) has no {op} "
                                          f"({SET_NETNS_NEEDED})")
+            if op in ADMIN_CALLS and device["vf"]:
+                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
             yield device, rules
 
     def _service(self, device: dict, op: str, svc_id: int) -> dict:
         svc = device["services"].get(str(svc_id))
         if svc is None:
             raise CxiError(op, self.name, errno.EINVAL, f"no service {svc_id}")
+        return svc
+
+    def _unused_service(self, device: dict, op: str, svc_id: int) -> dict:
+        """The service, which the driver changes only while no LNI uses it (-EBUSY)."""
+        svc = self._service(device, op, svc_id)
+        if svc["busy"]:
+            raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
         return svc
 
     def alloc_svc(self, desc: ServiceDesc) -> int:
@@ -105,7 +116,7 @@ class SimDevice:
             svc_id = next(i for i in range(DEFAULT_SVC_ID + 1, len(used) + 3) if i not in used)
             stored = desc_to_json(desc)
             stored["svc_id"] = svc_id
-            stored["enable"] = bool(desc.enable and desc.restricted_vnis)
+            stored["enable"] = bool(desc.restricted_vnis)  # the driver's choice, not desc.enable
             stored["limits"] = limits
             device["services"][str(svc_id)] = {"desc": stored, "netns": 0, "busy": 0}
             return svc_id
@@ -174,9 +185,7 @@ class SimDevice:
         with self._device(op) as (device, _):
             if svc_id == DEFAULT_SVC_ID:
                 raise CxiError(op, self.name, errno.EINVAL, "the default service cannot be destroyed")
-            svc = self._service(device, op, svc_id)
-            if svc["busy"]:
-                raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
+            self._unused_service(device, op, svc_id)
             del device["services"][str(svc_id)]
 
     def svc_enable(self, svc_id: int, enable: bool) -> None:
@@ -186,9 +195,7 @@ class SimDevice:
 
     def svc_set_netns(self, svc_id: int, netns_inode: int) -> None:
         op = "cxil_svc_set_netns"
-        with self._device(op) as (device, _):  # the driver's order: VF, id, members, enabled
-            if device["vf"]:
-                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
+        with self._device(op) as (device, _):  # the driver's order: id, members, enabled
             svc = self._service(device, op, svc_id)
             desc = svc["desc"]
             if not desc["restricted_members"] or any(
@@ -253,15 +260,10 @@ class SimDevice:
     def svc_set_lpr(self, svc_id: int, lnis_per_rgid: int) -> None:
         op = "cxil_set_svc_lpr"
         with self._device(op) as (device, _):
-            if device["vf"]:
-                raise CxiError(op, self.name, errno.EPERM, "not the physical function")
             if not 0 <= lnis_per_rgid <= MAX_LNIS_PER_RGID:
                 raise CxiError(op, self.name, errno.EINVAL,
                                f"{lnis_per_rgid} LNIs per resource group, the most is {MAX_LNIS_PER_RGID}")
-            svc = self._service(device, op, svc_id)
-            if svc["busy"]:
-                raise CxiError(op, self.name, errno.EBUSY, f"service {svc_id} is used by an LNI")
-            svc["lpr"] = lnis_per_rgid
+            self._unused_service(device, op, svc_id)["lpr"] = lnis_per_rgid
 
     def svc_get_lpr(self, svc_id: int) -> int | None:
         op = "cxil_get_svc_lpr"

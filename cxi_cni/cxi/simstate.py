@@ -28,6 +28,7 @@ from .backend import (
     Member,
     ServiceDesc,
 )
+from .shape import CASSINI_TOTALS
 
 STATE_VERSION = 2  # 1 was one JSON file, before the database
 DEFAULT_STACK = "shs-14.0.1"
@@ -61,8 +62,6 @@ EMULATED = {
     "shs-13": Emulated(netns_calls=False, unique_vnis=False, member_types=3),
 }
 
-# Resource totals of one simulated NIC, in the order of backend.RESOURCES.
-DEFAULT_TOTALS = dict(zip(RESOURCES, (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022), strict=True))
 DEFAULT_SVC_TLES = 512  # the driver's default_svc_num_tles
 RGIDS = 255  # resource groups a device has left with no LNI (sysfs rgids_avail)
 
@@ -79,11 +78,14 @@ def default_state(stack: str = DEFAULT_STACK) -> dict:
 
 
 def emulated(state: dict) -> Emulated:
+    """The library calls and driver rules of the stack the state emulates."""
     return EMULATED[state.get("stack", DEFAULT_STACK)]
 
 
 def new_device(netdev: str, pci: str, vf: bool = False, totals: dict | None = None) -> dict:
-    totals = dict(totals or DEFAULT_TOTALS)
+    """A simulated NIC behind `netdev`, with its default service (a Cassini's totals unless
+    `totals` says otherwise)."""
+    totals = dict(totals or CASSINI_TOTALS)
     return {
         "netdev": netdev,
         "pci": pci,
@@ -106,6 +108,7 @@ def default_service(totals: dict) -> ServiceDesc:
 
 
 def desc_to_json(desc: ServiceDesc) -> dict:
+    """A ServiceDesc as the state stores it."""
     return {
         "svc_id": desc.svc_id,
         "restricted_members": desc.restricted_members,
@@ -123,6 +126,7 @@ def desc_to_json(desc: ServiceDesc) -> dict:
 
 
 def desc_from_json(data: dict) -> ServiceDesc:
+    """A stored desc as the driver lists it: limits only with resource_limits, and not 0/0."""
     members = tuple(Member(int(i), int(t)) for i, t in data["members"])
     return ServiceDesc(
         svc_id=data["svc_id"],

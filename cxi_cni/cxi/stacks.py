@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from .backend import (
     MEMBER_IGNORE,
     MEMBER_NET_NS,
+    NOT_PERMITTED,
     BackendUnavailable,
     CxiError,
     LibraryInfo,
@@ -44,6 +45,8 @@ PROBE_VNIS = range(65534, 65500, -1)
 # The probes' services reserve nothing and take no LE or TLE pool (a service without
 # limits would take a TLE pool, of which a NIC has 4), so a full NIC can still be probed.
 PROBE_LIMITS = {"txqs": Limit(1, 0)}
+# The calls of LIBCXI_1.10 (SHS >= 14.0.0) with which the call stacks bind and show a namespace.
+NETNS_CALLS = ("cxil_svc_set_netns", "cxil_svc_get_netns")
 SET_NETNS_NEEDED = "libcxi >= 1.10 / LIBCXI_1.10 needed to bind a service to a network namespace"
 
 
@@ -208,6 +211,7 @@ def raise_if_held(dev, vnis) -> None:
 
 
 def exists(dev, svc_id: int) -> bool:
+    """Whether `dev` has service `svc_id` (cxil_get_svc finds it)."""
     try:
         dev.get_svc(svc_id)
     except CxiError:
@@ -257,9 +261,8 @@ def _probe_services(dev, make_descs: Callable[[int], list[ServiceDesc]],
                     else:
                         then(made[-1])
                 except CxiError as exc:
-                    if exc.errno == errno.EPERM and index < len(descs):
-                        return Probe(None, "not probed: allocating a service needs root "
-                                           "(CAP_SYS_ADMIN)")
+                    if exc.errno == errno.EPERM:
+                        return Probe(None, f"not probed: {exc}: {NOT_PERMITTED}")
                     if index == 0 and exc.errno == errno.EEXIST:
                         break  # the VNI is in use after all (a VNI range): try the next
                     if (index, exc.errno) == refusal:

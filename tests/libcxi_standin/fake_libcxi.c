@@ -6,6 +6,8 @@
  * The struct layouts below are written from the documented ABI facts (x86-64):
  * struct cxi_svc_desc is 68 bytes, alignment 4. The service rules follow the driver:
  * VNI checks, res <= max <= device total, member types, -EINVAL/-EBUSY/-EEXIST/-EPERM.
+ * The calls the driver keeps to CAP_SYS_ADMIN on a physical function (alloc, destroy,
+ * enable, set_vni_range, set_netns, set_lpr) are -EPERM on a device declared a VF.
  *
  * Resources follow the driver's reserve_rsrcs (cass_svc.c) and rgroup pools
  * (cass_rgroup.c): a service without resource limits gets the device totals as limits; a
@@ -384,6 +386,13 @@ static void add_default_service(struct state *st, const struct fake_dev *d)
 	s->desc.limits[R_TLE].max = s->desc.limits[R_TLE].res = default_svc_tles;
 }
 
+/* The driver's gate of admin-only calls, checked before the call itself: CAP_SYS_ADMIN (the
+ * tests run as root) on a physical function; the call is -EPERM otherwise. */
+static bool admin_permitted(const struct fake_dev *d)
+{
+	return !d->is_vf;
+}
+
 /* Load the state and find the device of an open handle. */
 static int begin(struct state *st, const struct cxil_dev *dev, struct fake_dev **fd)
 {
@@ -660,7 +669,7 @@ EXPORT int cxil_alloc_svc(struct cxil_dev *dev, const struct cxi_svc_desc *desc,
 		goto out;
 	kept = *desc;
 	effective_limits(d, &kept);
-	rc = validate_desc(st, desc, d);
+	rc = admin_permitted(d) ? validate_desc(st, desc, d) : -EPERM;
 	if (!rc)
 		rc = vnis_free(st, d, desc);
 	if (!rc)
@@ -674,8 +683,11 @@ EXPORT int cxil_alloc_svc(struct cxil_dev *dev, const struct cxi_svc_desc *desc,
 		s->lpr = 1;
 		s->desc = kept;
 		s->desc.svc_id = lowest_free_id(st, d);
-		/* Without restricted VNIs the service waits for a VNI range. */
-		if (!(desc->flags & F_RESTRICTED_VNIS))
+		/* The driver ignores desc->enable: a service with restricted VNIs is enabled
+		 * at once, one without waits for a VNI range. */
+		if (desc->flags & F_RESTRICTED_VNIS)
+			s->desc.flags |= F_ENABLE;
+		else
 			s->desc.flags &= (uint8_t)~F_ENABLE;
 		rc = (int)s->desc.svc_id;
 	}
@@ -710,6 +722,8 @@ static int op_destroy(struct state *st, struct fake_dev *d, unsigned int svc_id,
 	struct fake_svc *s = find_svc(st, d->dev_id, svc_id);
 
 	(void)arg;
+	if (!admin_permitted(d))
+		return -EPERM;
 	if (svc_id == DEFAULT_SVC_ID || !s)
 		return -EINVAL;
 	if (s->busy)
@@ -728,6 +742,8 @@ static int op_enable(struct state *st, struct fake_dev *d, unsigned int svc_id, 
 	struct fake_svc *s = find_svc(st, d->dev_id, svc_id);
 	bool enable = *(bool *)arg;
 
+	if (!admin_permitted(d))
+		return -EPERM;
 	if (!s)
 		return -EINVAL;
 	if (enable && !(s->desc.flags & F_RESTRICTED_VNIS) && !s->vni_max)
@@ -750,6 +766,8 @@ static int op_set_vni_range(struct state *st, struct fake_dev *d, unsigned int s
 	const uint16_t *range = arg;
 	unsigned int size = (unsigned int)range[1] - range[0] + 1;
 
+	if (!admin_permitted(d))
+		return -EPERM;
 	if (!s || (s->desc.flags & F_RESTRICTED_VNIS))
 		return -EINVAL;
 	if (range[0] < 1 || range[1] < range[0] || (size & (size - 1)) || range[0] % size)
@@ -773,9 +791,9 @@ static int op_set_netns(struct state *st, struct fake_dev *d, unsigned int svc_i
 {
 	struct fake_svc *s;
 
-	if (!st->driver.netns_ops)
+	if (!st->driver.netns_ops) /* an op the driver does not know: before the admin gate */
 		return -EINVAL;
-	if (d->is_vf)
+	if (!admin_permitted(d))
 		return -EPERM;
 	s = find_svc(st, d->dev_id, svc_id);
 	if (!s)
@@ -871,7 +889,7 @@ static int op_set_lpr(struct state *st, struct fake_dev *d, unsigned int svc_id,
 	struct fake_svc *s;
 	unsigned int lpr = *(unsigned int *)arg;
 
-	if (d->is_vf)
+	if (!admin_permitted(d))
 		return -EPERM;
 	if (lpr > MAX_LPR)
 		return -EINVAL;

@@ -10,6 +10,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxi_cni.cxi.backend import RESOURCES
+from cxi_cni.cxi.shape import CASSINI_TOTALS
+
 SOURCE = Path(__file__).with_name("fake_libcxi.c")
 STATE_ENV = "FAKE_LIBCXI_STATE"
 DEV_DIR_ENV = "FAKE_LIBCXI_DEV_DIR"
@@ -84,8 +87,7 @@ def build(out_dir: Path, with_netns: bool = True) -> Path:
     return target
 
 
-RESOURCES = ("ptes", "txqs", "tgqs", "eqs", "cts", "les", "tles", "acs")  # the driver's order
-TOTALS = (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022)  # a Cassini NIC's
+TOTALS = tuple(CASSINI_TOTALS[name] for name in RESOURCES)
 
 
 @dataclass(frozen=True)
