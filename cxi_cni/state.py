@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import stat
 import time
 
@@ -88,6 +87,8 @@ class AttachmentStore:
             try:
                 os.rename(building, self.index)
             except OSError:  # another process got there first
+                import shutil  # only here: it loads bz2 and lzma, 2 ms of every call
+
                 shutil.rmtree(building, ignore_errors=True)
             for record in self.all():
                 self._touch(self.index, record)
