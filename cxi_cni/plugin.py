@@ -13,7 +13,6 @@ from .cni.version import merge_results
 from .cxi.backend import NoResources, Service, VniInUse
 from .cxi.services import NO_RETRY, Binding, bind_netns, bound_services, destroy, differences
 from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, no_resources_error, vni_in_use_error
-from .gc import collect
 from .invocation import Invocation
 from .lazy import lazy
 from .record import AttachmentRecord
@@ -172,6 +171,8 @@ class CxiPlugin:
 
     @mapped
     def gc(self, args: CmdArgs) -> None:
+        from .gc import collect  # only GC loads it
+
         with Invocation(args) as inv:
             valid = args.conf.get("cni.dev/valid-attachments")
             if not isinstance(valid, list):
