@@ -50,7 +50,7 @@ class CxiPlugin:
                 inv.store.save(record)
                 faults.point("after-record")
                 with ExitStack() as undo:
-                    undo.callback(inv.store.remove, args.container_id, args.ifname)
+                    undo.callback(inv.store.remove, args.container_id, args.ifname, netns.inode)
                     ours = link.make(inv.conf, args, netns, undo) if link else {}
                     bindings = self._bind(inv, record, spec, undo)
                     result = merge_results(args.prev_result, ours)

@@ -30,7 +30,7 @@ def remove_attachment(inv: Invocation, record: AttachmentRecord) -> None:
         with recorded_netns(inv, record) as netns:
             podlink.PodLink(record.link, record.container_id).remove(inv.args, netns)
     release_services(inv, record)
-    inv.store.remove(record.container_id, record.ifname)
+    inv.store.remove(record.container_id, record.ifname, record.netns_inode)
 
 
 @contextmanager

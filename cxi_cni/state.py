@@ -217,8 +217,11 @@ class AttachmentStore:
                 os.unlink(tmp)
             raise StateError(f"cannot write state record {path}: {exc.strerror}") from None
 
-    def remove(self, container_id: str, ifname: str) -> None:
-        """Remove the record (its lock file goes when the lock is left)."""
+    def remove(self, container_id: str, ifname: str, inode: int | None = None) -> None:
+        """Remove the record, then its index entry: the one of `inode`, the namespace the
+        record was saved with (every save of a record names the same one), else (a record
+        too damaged to say) every entry of the attachment, which lists the whole index.
+        Its lock file goes when the lock is left."""
         path = self.path(container_id, ifname)
         try:
             os.unlink(path)
@@ -226,10 +229,12 @@ class AttachmentStore:
             pass
         except OSError as exc:
             raise StateError(f"cannot remove state record {path}: {exc.strerror}") from None
-        suffix = "-" + attachment_key(container_id, ifname)
+        key = attachment_key(container_id, ifname)
         try:
-            for name in os.listdir(self.index):
-                if name.endswith(suffix):
+            names = [f"{inode}-{key}"] if inode is not None else \
+                [name for name in os.listdir(self.index) if name.endswith("-" + key)]
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.index, name))
         except FileNotFoundError:
             pass
