@@ -58,10 +58,15 @@ class AttachmentStore:
         # record is gone is skipped). Finding a namespace's records is one listdir, not a
         # read of every record of the node.
         self.index = os.path.join(directory, "netns")
+        self.ensured = False
 
     def ensure(self) -> None:
         """The directories exist, and nobody but root can change them or what leads to
-        them (as OpenSSH's StrictModes: every directory from / down)."""
+        them (as OpenSSH's StrictModes: every directory from / down). Checked once per
+        store, that is per command: what root alone can change stays as it was checked, and
+        GC takes a lock per record."""
+        if self.ensured:
+            return
         try:
             check_parents(self.directory, "stateDir")
         except UntrustedPath as exc:
@@ -75,6 +80,7 @@ class AttachmentStore:
         if not os.path.isdir(self.index):
             self._build_index()
         self._check_dir(self.index)
+        self.ensured = True
 
     def _build_index(self) -> None:
         """Index the records of a state directory an earlier version wrote: into a new
