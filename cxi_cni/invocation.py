@@ -69,6 +69,7 @@ class Invocation:
                            "/dev/null for no log") from None
         self.store = AttachmentStore(self.conf.stateDir)
         self._backend: Backend | None = None
+        self._device_names: list[str] | None = None
         self._netns: Netns | None = None
 
     def __enter__(self) -> Invocation:
@@ -83,6 +84,13 @@ class Invocation:
         if self._backend is None:
             self._backend = open_backend(self.conf)
         return self._backend
+
+    def device_names(self) -> list[str]:
+        """The CXI devices present, as the backend lists them, listed once per command (a
+        process of well under a second, in which NICs do not come and go)."""
+        if self._device_names is None:
+            self._device_names = self.backend.device_names()
+        return list(self._device_names)
 
     def netns(self) -> Netns:
         """CNI_NETNS, opened once and never the host's: every use of the pod's namespace in
@@ -107,11 +115,11 @@ class Invocation:
         try:
             self.backend.check()
             if choice == "all":
-                names = self.backend.device_names()
+                names = self.device_names()
             elif choice == "master":
                 names = [self.backend.device_for_netdev(self.conf.master)]
             else:
-                present = set(self.backend.device_names())
+                present = set(self.device_names())
                 missing = [d for d in choice if d not in present]
                 if missing:
                     raise CniError(INVALID_CONFIG, f"cxi.devices names {', '.join(missing)}, "
