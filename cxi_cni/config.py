@@ -74,7 +74,6 @@ LIMIT_FIELDS = (
 # Slurm's traffic classes (tcs=LOW_LATENCY:BEST_EFFORT, any case, TC_ prefix optional) and
 # the pair it gives a job by default.
 SLURM_TCS = ("low_latency", "best_effort")
-TCS_STRING = r"^[A-Za-z_]+(:[A-Za-z_]+)*$"
 # The most a DEL waits for LNIs to let go of its services (destroyRetries x destroyRetryDelay):
 # a quarter of the kubelet's default runtime request timeout (2 min), which bounds the
 # StopPodSandbox that runs DEL, leaving room for a second cxi attachment and the chain.
