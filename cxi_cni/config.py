@@ -195,6 +195,8 @@ class NetConf(SimpleNamespace):
     own); unknown keys inside `cxi` are refused. (Plain namespaces rather than dataclasses:
     each dataclass costs its generated code at import, in every CNI process.)"""
 
+    node_policy: nodepolicy.NodePolicy | None = None  # set by parse_conf, None without a file
+
     @property
     def link_mode(self) -> str:
         return self.mode or MODES[self.linkType][0]

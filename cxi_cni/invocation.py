@@ -15,21 +15,21 @@ from .cxi.services import Retry, ServiceSpec
 from .cxi.shape import SLURM_MAX, SLURM_PER_CPU, LimitRule, Shape
 from .errors import BACKEND_UNAVAILABLE
 from .files import FileProblem
-from .lazy import lazy
 from .netns import Netns, NetnsInvalid, NetnsMissing
 from .state import AttachmentStore
 from .trust import UntrustedPath
 
-# One of the two is loaded, when a command first uses the backend.
-sim = lazy("cxi_cni.cxi.sim")
-libcxi = lazy("cxi_cni.cxi.libcxi")
-
 
 def open_backend(conf: NetConf) -> Backend:
-    """The CXI backend the configuration names (nothing is loaded until it is used)."""
+    """The CXI backend the configuration names; its module alone is loaded, here, when a
+    command first uses the backend."""
     if conf.cxi.backend == "sim":
-        return sim.SimBackend(conf.cxi.simState, conf.cxi.stack)
-    return libcxi.LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
+        from .cxi.sim import SimBackend
+
+        return SimBackend(conf.cxi.simState, conf.cxi.stack)
+    from .cxi.libcxi import LibcxiBackend
+
+    return LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
 
 
 def shape_of(conf: NetConf, cpus: int | None = None) -> Shape:
@@ -44,7 +44,7 @@ def shape_of(conf: NetConf, cpus: int | None = None) -> Shape:
         given = lim.per_cpu if lim is not None else None
         rules.append((name, LimitRule(lim.max if lim else None, lim.res if lim else None,
                                       per_cpu.get(name, 0) if given is None else given)))
-    policy = getattr(conf, "node_policy", None)
+    policy = conf.node_policy
     ceilings = (policy.limits if policy else None) or {}
     caps = tuple((name, Limit(*(SLURM_MAX[name] if cap.get(key) is None else cap[key]
                                 for key in ("max", "res"))))
