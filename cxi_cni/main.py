@@ -65,7 +65,7 @@ def main() -> int:
     if "CNI_COMMAND" in os.environ:
         from .cni.skel import dispatch
 
-        exit_now(dispatch(load_plugin, dict(os.environ), on_finish=log_finish))
+        exit_now(dispatch("cxi", load_plugin, dict(os.environ), on_finish=log_finish))
     from .cli import cli
 
     return cli.main(prog_name="cxi", standalone_mode=True) or 0

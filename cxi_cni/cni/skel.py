@@ -207,10 +207,11 @@ def run_command(plugin: Plugin, args: CmdArgs):
     return cniversion.result_for(result, args.cni_version) if args.command == "ADD" else None
 
 
-def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None, stdout=None,
-             on_finish: FinishHook | None = None) -> int:
-    """Run one CNI command; returns the process exit code. Never raises. The plugin is
-    loaded only for commands other than VERSION, which must stay cheap."""
+def dispatch(name: str, load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None,
+             stdout=None, on_finish: FinishHook | None = None) -> int:
+    """Run one CNI command of the plugin called `name` (as errors name it); returns the
+    process exit code. Never raises. The plugin is loaded only for commands other than
+    VERSION, which must stay cheap."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     started = time.monotonic()
     command = env.get("CNI_COMMAND", "")
@@ -236,12 +237,12 @@ def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None,
         return 0
     except CniError as exc:
         failure = exc
-        return emit_error(stdout, exc, error_version)
+        return emit_error(stdout, exc, error_version, name)
     except BaseException as exc:  # the runtime must get JSON, never a traceback
         failure = exc
         internal = CniError(999, f"internal error: {type(exc).__name__}: {exc}",
-                            "this is a bug in the cxi plugin; see its log file")
-        return emit_error(stdout, internal, error_version)
+                            f"this is a bug in the {name} plugin; see its log file")
+        return emit_error(stdout, internal, error_version, name)
     finally:
         if on_finish is not None:
             try:
@@ -250,10 +251,10 @@ def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None,
                 pass
 
 
-def emit_error(stdout, exc: CniError, version: str) -> int:
+def emit_error(stdout, exc: CniError, version: str, name: str) -> int:
     try:
         stdout.write(json.dumps(exc.to_json(version)) + "\n")
         stdout.flush()
     except (OSError, ValueError):
-        sys.stderr.write(f"cxi: {exc.msg}\n")
+        sys.stderr.write(f"{name}: {exc.msg}\n")
     return 1
