@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 from . import nodepolicy
 from .cni.errors import INVALID_CONFIG, UNSUPPORTED_FIELD, CniError
+from .cni.skel import valid_ifname
 from .cni.version import SUPPORTED_VERSIONS
 from .cxi.backend import RESOURCES, TRAFFIC_CLASSES
 from .cxi.shape import MAX_LNIS_PER_RGID, SLURM_MAX
@@ -24,7 +24,6 @@ from .schema import SchemaValidator, ValidationError, cs
 from .vniset import VniSet, refusal
 
 MODES = {"ipvlan": ("l2", "l3", "l3s"), "macvlan": ("bridge", "private", "vepa", "passthru")}
-IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 # Where a pod's VNIs may come from (vnis.py): the owner's Vni object, the admin's cxi.vnis,
 # the pod author's Multus cni-args, the runtime's CNI_ARGS VNI=.
 VNI_SOURCES = ("kubernetes", "config", "args", "cniArgs")
@@ -75,7 +74,6 @@ LIMIT_FIELDS = (
 # Slurm's traffic classes (tcs=LOW_LATENCY:BEST_EFFORT, any case, TC_ prefix optional) and
 # the pair it gives a job by default.
 SLURM_TCS = ("low_latency", "best_effort")
-TCS_STRING = r"^[A-Za-z_]+(:[A-Za-z_]+)*$"
 # The most a DEL waits for LNIs to let go of its services (destroyRetries x destroyRetryDelay):
 # a quarter of the kubelet's default runtime request timeout (2 min), which bounds the
 # StopPodSandbox that runs DEL, leaving room for a second cxi attachment and the chain.
@@ -197,6 +195,8 @@ class NetConf(SimpleNamespace):
     own); unknown keys inside `cxi` are refused. (Plain namespaces rather than dataclasses:
     each dataclass costs its generated code at import, in every CNI process.)"""
 
+    node_policy: nodepolicy.NodePolicy | None = None  # set by parse_conf, None without a file
+
     @property
     def link_mode(self) -> str:
         return self.mode or MODES[self.linkType][0]
@@ -208,7 +208,7 @@ def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, b
     """(field path, message, whether the message starts with the path) of the first rule
     the schema cannot say, or None. For `teardown` the VNI policy is not checked: DEL must
     remove what an older configuration made."""
-    if conf.master is not None and not IFNAME_RE.match(conf.master):
+    if conf.master is not None and not valid_ifname(conf.master):  # an existing link's name
         return "master", f"{conf.master!r} is not a valid interface name", True
     for key in ("stateDir", "logFile"):
         if not getattr(conf, key).startswith("/"):

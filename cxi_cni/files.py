@@ -1,6 +1,7 @@
 """Opening the files a configuration names (log, kubeconfig, token, simulated devices) the way
 root must: never blocking on a FIFO or device, regular files only, and where asked never
-through a last symlink."""
+through a last symlink; and putting a new file in the place of an old one atomically
+without waiting for the disk (replace_file)."""
 
 from __future__ import annotations
 

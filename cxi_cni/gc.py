@@ -44,7 +44,7 @@ def reap_dead_namespaces(inv: Invocation, failed: list[str]) -> list[str]:
     the runtime still counts as valid claims it. Services are listed first and live
     namespaces second: a namespace made after the listing cannot have a service in it, so
     nothing alive is mistaken for dead."""
-    snapshot = bound_services(inv.backend, inv.backend.device_names())
+    snapshot = bound_services(inv.backend, inv.device_names())
     live = live_netns_inodes()
     claimed = inv.store.claimed()
     reaped = []
@@ -71,7 +71,7 @@ def sweep_orphans(inv: Invocation) -> list[str]:
     busy = {r.allocating for r in records}
     claimed = inv.store.claimed(records)
     swept = []
-    for device in inv.backend.device_names():
+    for device in inv.device_names():
         if device not in busy:
             swept.extend(f"{device}/{sid}" for sid in destroy_orphans(inv.backend, device, None, claimed))
     return swept

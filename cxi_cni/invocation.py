@@ -15,21 +15,21 @@ from .cxi.services import Retry, ServiceSpec
 from .cxi.shape import SLURM_MAX, SLURM_PER_CPU, LimitRule, Shape
 from .errors import BACKEND_UNAVAILABLE
 from .files import FileProblem
-from .lazy import lazy
 from .netns import Netns, NetnsInvalid, NetnsMissing
 from .state import AttachmentStore
 from .trust import UntrustedPath
 
-# One of the two is loaded, when a command first uses the backend.
-sim = lazy("cxi_cni.cxi.sim")
-libcxi = lazy("cxi_cni.cxi.libcxi")
-
 
 def open_backend(conf: NetConf) -> Backend:
-    """The CXI backend the configuration names (nothing is loaded until it is used)."""
+    """The CXI backend the configuration names; its module alone is loaded, here, when a
+    command first uses the backend."""
     if conf.cxi.backend == "sim":
-        return sim.SimBackend(conf.cxi.simState, conf.cxi.stack)
-    return libcxi.LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
+        from .cxi.sim import SimBackend
+
+        return SimBackend(conf.cxi.simState, conf.cxi.stack)
+    from .cxi.libcxi import LibcxiBackend
+
+    return LibcxiBackend(conf.cxi.libcxi, stack=conf.cxi.stack)
 
 
 def shape_of(conf: NetConf, cpus: int | None = None) -> Shape:
@@ -44,7 +44,7 @@ def shape_of(conf: NetConf, cpus: int | None = None) -> Shape:
         given = lim.per_cpu if lim is not None else None
         rules.append((name, LimitRule(lim.max if lim else None, lim.res if lim else None,
                                       per_cpu.get(name, 0) if given is None else given)))
-    policy = getattr(conf, "node_policy", None)
+    policy = conf.node_policy
     ceilings = (policy.limits if policy else None) or {}
     caps = tuple((name, Limit(*(SLURM_MAX[name] if cap.get(key) is None else cap[key]
                                 for key in ("max", "res"))))
@@ -69,6 +69,7 @@ class Invocation:
                            "/dev/null for no log") from None
         self.store = AttachmentStore(self.conf.stateDir)
         self._backend: Backend | None = None
+        self._device_names: list[str] | None = None
         self._netns: Netns | None = None
 
     def __enter__(self) -> Invocation:
@@ -83,6 +84,13 @@ class Invocation:
         if self._backend is None:
             self._backend = open_backend(self.conf)
         return self._backend
+
+    def device_names(self) -> list[str]:
+        """The CXI devices present, as the backend lists them, listed once per command (a
+        process of well under a second, in which NICs do not come and go)."""
+        if self._device_names is None:
+            self._device_names = self.backend.device_names()
+        return list(self._device_names)
 
     def netns(self) -> Netns:
         """CNI_NETNS, opened once and never the host's: every use of the pod's namespace in
@@ -107,11 +115,11 @@ class Invocation:
         try:
             self.backend.check()
             if choice == "all":
-                names = self.backend.device_names()
+                names = self.device_names()
             elif choice == "master":
                 names = [self.backend.device_for_netdev(self.conf.master)]
             else:
-                present = set(self.backend.device_names())
+                present = set(self.device_names())
                 missing = [d for d in choice if d not in present]
                 if missing:
                     raise CniError(INVALID_CONFIG, f"cxi.devices names {', '.join(missing)}, "

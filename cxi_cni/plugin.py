@@ -13,7 +13,6 @@ from .cni.version import merge_results
 from .cxi.backend import NoResources, Service, VniInUse
 from .cxi.services import Binding, bind_netns, bound_services, differences, roll_back
 from .errors import CXI_FAILURE, POLICY_REFUSED, mapped, no_resources_error, vni_in_use_error
-from .gc import collect
 from .invocation import Invocation
 from .lazy import lazy
 from .record import AttachmentRecord
@@ -108,7 +107,7 @@ class CxiPlugin:
         could not destroy; then it stays, incomplete, so DEL (which the runtime sends after
         a failed ADD) or GC destroys them. Nothing made is ever left without a record."""
         if not record.services:
-            inv.store.remove(record.container_id, record.ifname)
+            inv.store.remove(record.container_id, record.ifname, record.netns_inode)
             return
         record.allocating, record.complete = None, False
         logs.undo_step("keep the record of the services left", inv.store.save, record)
@@ -184,6 +183,8 @@ class CxiPlugin:
 
     @mapped
     def gc(self, args: CmdArgs) -> None:
+        from .gc import collect  # only GC loads it
+
         with Invocation(args) as inv:
             valid = args.conf.get("cni.dev/valid-attachments")
             if not isinstance(valid, list):

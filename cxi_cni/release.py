@@ -30,7 +30,7 @@ def remove_attachment(inv: Invocation, record: AttachmentRecord) -> None:
         with recorded_netns(inv, record) as netns:
             podlink.PodLink(record.link, record.container_id).remove(inv.args, netns)
     release_services(inv, record)
-    inv.store.remove(record.container_id, record.ifname)
+    inv.store.remove(record.container_id, record.ifname, record.netns_inode)
 
 
 @contextmanager
@@ -85,20 +85,13 @@ def reap_stale_services(inv: Invocation, inode: int, required: bool) -> dict[str
     namespace holds exactly the services of its own records. Returns, per device, the
     services of this pod that stay. Without a usable backend there is nothing to reap
     unless this ADD needs the backend itself (`required`)."""
-    judge = StaleJudge(inv, inode).judge
-    kept: dict[str, list[Service]] = {}
     try:
-        for name in inv.backend.device_names():
-            dev = inv.backend.open(name)
-            try:
-                kept[name] = reap_stale(dev, inode, judge)
-            finally:
-                dev.close()
+        return reap_on_every_device(inv, inode, StaleJudge(inv, inode).judge)
     except BackendUnavailable as exc:
         if required:
             raise
         log.info("no stale services looked for: %s", exc)
-    return kept
+        return {}
 
 
 def release_unclaimed(inv: Invocation, inode: int) -> None:
@@ -108,13 +101,21 @@ def release_unclaimed(inv: Invocation, inode: int) -> None:
     if not inode:
         return
     claimed = inv.store.claimed()
-    for name in inv.backend.device_names():
+    reap_on_every_device(inv, inode, lambda svc, reap: None if (svc.device, svc.svc_id) in claimed
+                         else reap())
+
+
+def reap_on_every_device(inv: Invocation, inode: int, judge) -> dict[str, list[Service]]:
+    """reap_stale with `judge` on each device of the node; per device, the services bound
+    to `inode` that stay."""
+    kept = {}
+    for name in inv.device_names():
         dev = inv.backend.open(name)
         try:
-            reap_stale(dev, inode, lambda svc, reap: None if (svc.device, svc.svc_id) in claimed
-                       else reap())
+            kept[name] = reap_stale(dev, inode, judge)
         finally:
             dev.close()
+    return kept
 
 
 class StaleJudge:

@@ -7,7 +7,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import stat
 import time
 
@@ -59,10 +58,15 @@ class AttachmentStore:
         # record is gone is skipped). Finding a namespace's records is one listdir, not a
         # read of every record of the node.
         self.index = os.path.join(directory, "netns")
+        self.ensured = False
 
     def ensure(self) -> None:
         """The directories exist, and nobody but root can change them or what leads to
-        them (as OpenSSH's StrictModes: every directory from / down)."""
+        them (as OpenSSH's StrictModes: every directory from / down). Checked once per
+        store, that is per command: what root alone can change stays as it was checked, and
+        GC takes a lock per record."""
+        if self.ensured:
+            return
         try:
             check_parents(self.directory, "stateDir")
         except UntrustedPath as exc:
@@ -76,6 +80,7 @@ class AttachmentStore:
         if not os.path.isdir(self.index):
             self._build_index()
         self._check_dir(self.index)
+        self.ensured = True
 
     def _build_index(self) -> None:
         """Index the records of a state directory an earlier version wrote: into a new
@@ -88,6 +93,8 @@ class AttachmentStore:
             try:
                 os.rename(building, self.index)
             except OSError:  # another process got there first
+                import shutil  # only here: it loads bz2 and lzma, 2 ms of every call
+
                 shutil.rmtree(building, ignore_errors=True)
             for record in self.all():
                 self._touch(self.index, record)
@@ -216,8 +223,11 @@ class AttachmentStore:
                 os.unlink(tmp)
             raise StateError(f"cannot write state record {path}: {exc.strerror}") from None
 
-    def remove(self, container_id: str, ifname: str) -> None:
-        """Remove the record (its lock file goes when the lock is left)."""
+    def remove(self, container_id: str, ifname: str, inode: int | None = None) -> None:
+        """Remove the record, then its index entry: the one of `inode`, the namespace the
+        record was saved with (every save of a record names the same one), else (a record
+        too damaged to say) every entry of the attachment, which lists the whole index.
+        Its lock file goes when the lock is left."""
         path = self.path(container_id, ifname)
         try:
             os.unlink(path)
@@ -225,10 +235,12 @@ class AttachmentStore:
             pass
         except OSError as exc:
             raise StateError(f"cannot remove state record {path}: {exc.strerror}") from None
-        suffix = "-" + attachment_key(container_id, ifname)
+        key = attachment_key(container_id, ifname)
         try:
-            for name in os.listdir(self.index):
-                if name.endswith(suffix):
+            names = [f"{inode}-{key}"] if inode is not None else \
+                [name for name in os.listdir(self.index) if name.endswith("-" + key)]
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.index, name))
         except FileNotFoundError:
             pass

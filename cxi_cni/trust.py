@@ -22,24 +22,25 @@ def check_parents(path: str, what: str) -> None:
     not. A symlink among them is followed only if it is root's in a directory of root's."""
     if not os.path.isabs(path):
         raise UntrustedPath(f"{what} {path} is not an absolute path")
-    parts = os.path.normpath(path).split(os.sep)[1:]
-    current = "/"
+    normal = os.path.normpath(path)
+    parts = normal.split(os.sep)[1:]
+    current, linked = "/", False
     for name in parts:
-        if not os.path.lexists(current):
+        try:
+            st = os.lstat(current)
+        except OSError:
             return  # the rest does not exist yet: we, root, are about to make it
-        check_dir_step(current, os.path.join(current, name), what, path)
+        linked = linked or stat.S_ISLNK(st.st_mode)
+        check_dir_step(st, current, os.path.join(current, name), what, path)
         current = os.path.join(current, name)
-    real = os.path.realpath(os.path.dirname(os.path.normpath(path)))
-    if real != os.path.dirname(os.path.normpath(path)):  # symlinks on the way: their targets too
-        check_parents(os.path.join(real, parts[-1]), what)
+    if linked:  # symlinks on the way: their targets too
+        real = os.path.realpath(os.path.dirname(normal))
+        if real != os.path.dirname(normal):
+            check_parents(os.path.join(real, parts[-1]), what)
 
 
-def check_dir_step(parent: str, child: str, what: str, path: str) -> None:
-    """`parent` must be trusted to keep `child` as it is."""
-    try:
-        st = os.lstat(parent)
-    except OSError as exc:
-        raise UntrustedPath(f"{what} {path}: cannot inspect {parent}: {exc.strerror}") from None
+def check_dir_step(st: os.stat_result, parent: str, child: str, what: str, path: str) -> None:
+    """`parent` (whose lstat is `st`) must be trusted to keep `child` as it is."""
     uids = trusted_uids()
     if stat.S_ISLNK(st.st_mode) and st.st_uid in uids:
         return  # root's symlink in a folder of root's: its target is checked on its own

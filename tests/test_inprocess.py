@@ -27,7 +27,7 @@ def dispatch(command: str, conf, netns: str | None = None, container_id: str = "
         env["CNI_NETNS"] = netns
     stdin = io.BytesIO(conf if isinstance(conf, bytes) else json.dumps(conf).encode())
     stdout, finished = io.StringIO(), []
-    rc = skel.dispatch(plugin_factory, env, stdin, stdout,
+    rc = skel.dispatch("cxi", plugin_factory, env, stdin, stdout,
                        on_finish=lambda *seen: finished.append(seen))
     text = stdout.getvalue().strip()
     return rc, (json.loads(text) if text else None), finished[0]
@@ -107,6 +107,7 @@ def test_an_unexpected_exception_is_internal_error_json(sim, netns):
 
     rc, err, seen = dispatch("ADD", sim.conf(), netns, plugin_factory=Broken)
     assert rc == 1 and err["code"] == 999 and "RuntimeError: boom" in err["msg"]
+    assert "bug in the cxi plugin" in err["details"]  # the name its caller gave
     assert isinstance(seen[2], RuntimeError)
 
 

@@ -126,6 +126,7 @@ def bad_cases(sim, netns, tmp_path):
         "CNI_CONTAINERID with ../": (4, dict(container_id="../etc"), "CNI_CONTAINERID"),
         "CNI_CONTAINERID with newline": (4, dict(container_id="a\nb"), "CNI_CONTAINERID"),
         "CNI_IFNAME too long": (4, dict(ifname="x" * 16), "CNI_IFNAME"),
+        "CNI_IFNAME over 15 bytes": (4, dict(ifname="é" * 8), "CNI_IFNAME"),  # 8 characters
         "no CNI_NETNS on ADD": (4, dict(netns=None), "CNI_NETNS"),
         "no CNI_PATH": (4, dict(cni_path=None), "CNI_PATH"),
         "bad CNI_COMMAND": (4, dict(command="ADDD"), "CNI_COMMAND"),
@@ -142,6 +143,8 @@ def bad_cases(sim, netns, tmp_path):
         "bad mode": (7, dict(conf=sim.conf(master="eth9", mode="l9", ipam={"type": "host-local"})),
                      "mode"),
         "devices master without master": (7, dict(conf=sim.conf(cxi={"devices": "master"})), "master"),
+        "master named '..'": (7, dict(conf=sim.conf(master="..", ipam={"type": "host-local"})),
+                              "master"),
         "unknown device": (7, dict(conf=sim.conf(cxi={"devices": ["cxi7"]})), "cxi7"),
         "res above max": (7, dict(conf=sim.conf(cxi={"limits": {"les": {"max": 1, "res": 2}}})),
                           "cxi.limits"),
@@ -164,10 +167,12 @@ def bad_cases(sim, netns, tmp_path):
 BAD_NAMES = [
     "unknown cniVersion", "no cniVersion", "STATUS before 1.1.0", "unknown cxi key",
     "netns missing", "no CNI_CONTAINERID", "CNI_CONTAINERID with ../",
-    "CNI_CONTAINERID with newline", "CNI_IFNAME too long", "no CNI_NETNS on ADD", "no CNI_PATH",
+    "CNI_CONTAINERID with newline", "CNI_IFNAME too long", "CNI_IFNAME over 15 bytes",
+    "no CNI_NETNS on ADD", "no CNI_PATH",
     "bad CNI_COMMAND", "bad CNI_ARGS", "bad VNI in CNI_ARGS", "stdin unreadable", "stdin not JSON",
     "stdin not an object", "stdin not UTF-8", "VNI out of range", "too many VNIs",
-    "VNI 1 without leave", "bad mode", "devices master without master", "unknown device",
+    "VNI 1 without leave", "bad mode", "devices master without master", "master named '..'",
+    "unknown device",
     "res above max", "relative stateDir", "netns is a regular file", "netns is the host's",
     "no VNI anywhere", "limit beyond a NIC", "no room on the NIC", "libcxi missing", "stateDir is a symlink",
 ]

@@ -37,8 +37,13 @@ REQUIRED_ENV = {
 MIN_VERSION = {"STATUS": "1.1.0", "GC": "1.1.0"}
 
 CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-# What the kernel refuses in a link name, and '%', which it takes as a name template (net%d).
-IFNAME_BAD_CHARS = re.compile(r"[/:%\s]")
+IFNAMSIZ = 16  # the kernel's longest link name, with its terminating NUL
+# Bytes the kernel refuses in a link name (dev_valid_name): '/', ':' and what its isspace()
+# takes for white space, Latin-1's no-break space 0xA0 among them (so "à" in UTF-8, C3 A0);
+# and NUL, which would end the name early.
+IFNAME_REFUSED = frozenset(b"/:\t\n\v\f\r \xa0\x00")
+# A link made with '%' in its name is named by the kernel from it as a template (net%d).
+IFNAME_REFUSED_NEW = IFNAME_REFUSED | {ord("%")}
 MAX_STDIN = 16 * 1024 * 1024
 MAX_DEPTH = 64  # network configurations and results are a few levels deep
 
@@ -72,6 +77,18 @@ def parse_cni_args(raw: str) -> dict[str, str]:
     return out
 
 
+def valid_ifname(name: str, new: bool = False) -> bool:
+    """Whether the kernel takes `name` as a link's name: 1 to 15 bytes, not "." or "..",
+    none of the bytes it refuses; for a link to be made (`new`), no '%' either. The bytes
+    are the name's UTF-8, or the environment's bytes as they came (surrogateescape)."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate, as JSON can write one
+        return False
+    return (0 < len(raw) < IFNAMSIZ and raw not in (b".", b"..")
+            and (IFNAME_REFUSED_NEW if new else IFNAME_REFUSED).isdisjoint(raw))
+
+
 def check_env(command: str, env: dict[str, str]) -> None:
     for var in REQUIRED_ENV[command]:
         if not env.get(var):
@@ -85,10 +102,10 @@ def check_env(command: str, env: dict[str, str]) -> None:
             "and '-' (at most 1024 characters)",
         )
     ifname = env.get("CNI_IFNAME", "")
-    if ifname and (len(ifname) > 15 or ifname in (".", "..") or IFNAME_BAD_CHARS.search(ifname)):
+    if ifname and not valid_ifname(ifname, new=True):
         raise env_error(
             "CNI_IFNAME", f"{ifname[:64]!r} is not a valid interface name",
-            "use at most 15 characters, none of '/', ':', '%' or white space, not '.' or '..'",
+            "use at most 15 bytes, none of '/', ':', '%' or white space, not '.' or '..'",
         )
     netns = env.get("CNI_NETNS", "")
     if netns and not netns.startswith("/"):
@@ -190,10 +207,11 @@ def run_command(plugin: Plugin, args: CmdArgs):
     return cniversion.result_for(result, args.cni_version) if args.command == "ADD" else None
 
 
-def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None, stdout=None,
-             on_finish: FinishHook | None = None) -> int:
-    """Run one CNI command; returns the process exit code. Never raises. The plugin is
-    loaded only for commands other than VERSION, which must stay cheap."""
+def dispatch(name: str, load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None,
+             stdout=None, on_finish: FinishHook | None = None) -> int:
+    """Run one CNI command of the plugin called `name` (as errors name it); returns the
+    process exit code. Never raises. The plugin is loaded only for commands other than
+    VERSION, which must stay cheap."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     started = time.monotonic()
     command = env.get("CNI_COMMAND", "")
@@ -219,12 +237,12 @@ def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None,
         return 0
     except CniError as exc:
         failure = exc
-        return emit_error(stdout, exc, error_version)
+        return emit_error(stdout, exc, error_version, name)
     except BaseException as exc:  # the runtime must get JSON, never a traceback
         failure = exc
         internal = CniError(999, f"internal error: {type(exc).__name__}: {exc}",
-                            "this is a bug in the cxi plugin; see its log file")
-        return emit_error(stdout, internal, error_version)
+                            f"this is a bug in the {name} plugin; see its log file")
+        return emit_error(stdout, internal, error_version, name)
     finally:
         if on_finish is not None:
             try:
@@ -233,10 +251,10 @@ def dispatch(load_plugin: Callable[[], Plugin], env: dict[str, str], stdin=None,
                 pass
 
 
-def emit_error(stdout, exc: CniError, version: str) -> int:
+def emit_error(stdout, exc: CniError, version: str, name: str) -> int:
     try:
         stdout.write(json.dumps(exc.to_json(version)) + "\n")
         stdout.flush()
     except (OSError, ValueError):
-        sys.stderr.write(f"cxi: {exc.msg}\n")
+        sys.stderr.write(f"{name}: {exc.msg}\n")
     return 1
