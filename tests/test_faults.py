@@ -352,3 +352,13 @@ def test_a_fifo_as_the_library_or_the_simulated_devices_does_not_hang(cni, sim, 
     assert str(fifo) in err["msg"] and "not a regular file" in err["msg"]
     assert time.monotonic() - started < 10
     assert sim.records() == []
+
+
+def test_fields_a_prev_result_list_does_not_define_pass_through(cni, sim, netns):
+    """Only ips and routes hold addresses; an interface entry's other keys (whatever their
+    type) are the previous plugin's business and go through untouched."""
+    prev = {**PREV, "interfaces": [{"name": "eth0", "gw": {}, "address": 5, "dst": ["x"]}]}
+    result = cni("ADD", {**sim.conf(), "prevResult": prev}, netns=netns).ok().json
+    assert result["interfaces"][0] == prev["interfaces"][0]
+    cni("DEL", sim.conf(), netns=netns).ok()
+    nothing_made(sim)

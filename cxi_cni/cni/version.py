@@ -84,8 +84,8 @@ def check_result(result: dict) -> None:
             if "interface" in entry and (isinstance(entry["interface"], bool)
                                          or not isinstance(entry["interface"], int)):
                 raise bad(f"{key}[{i}].interface", "is not an integer")
-            for name in IP_FIELDS:
-                if name in entry and not is_ip(name, entry[name]):
+            for name in IP_FIELDS:  # the list's own fields, strings by now
+                if name in strings and name in entry and not is_ip(name, entry[name]):
                     raise bad(f"{key}[{i}].{name}", f"{entry[name][:64]!r} is not an IP "
                               f"{'network' if name == 'dst' else 'address'}")
     if "dns" in result and not isinstance(result["dns"], dict):
