@@ -11,7 +11,7 @@ from .cxi.backend import CxiError
 from .cxi.services import bound_services, destroy_orphans
 from .invocation import Invocation
 from .netns import live_netns_inodes
-from .release import remove_attachment
+from .release import orphan_guard, remove_attachment
 
 log = logging.getLogger("cxi_cni.gc")
 
@@ -66,12 +66,6 @@ def reap_dead_namespaces(inv: Invocation, failed: list[str]) -> list[str]:
 
 def sweep_orphans(inv: Invocation) -> list[str]:
     """Unbound member-less services left by crashed ADDs, on devices where no ADD is
-    recorded as allocating right now."""
-    records = inv.store.all()
-    busy = {r.allocating for r in records}
-    claimed = inv.store.claimed(records)
-    swept = []
-    for device in inv.device_names():
-        if device not in busy:
-            swept.extend(f"{device}/{sid}" for sid in destroy_orphans(inv.backend, device, None, claimed))
-    return swept
+    recorded as allocating (the records are read after each device's listing)."""
+    return [f"{device}/{sid}" for device in inv.device_names()
+            for sid in destroy_orphans(inv.backend, device, None, orphan_guard(inv, device))]

@@ -61,8 +61,8 @@ def release_services(inv: Invocation, record: AttachmentRecord) -> None:
     """Destroy the record's services (and the orphan of an alloc in flight); keep the record
     with what is left, and raise, if any cannot be destroyed."""
     if record.allocating:
-        destroy_orphans(inv.backend, record.allocating, record.vnis, inv.store.claimed(),
-                        record.netns_inode)
+        destroy_orphans(inv.backend, record.allocating, record.vnis,
+                        orphan_guard(inv, record.allocating, record.key), record.netns_inode)
     if not record.services:
         return
     failures = destroy(inv.backend, record.services, record.netns_inode, inv.retry)
@@ -77,6 +77,17 @@ def release_services(inv: Invocation, record: AttachmentRecord) -> None:
     logs.event(log, logging.INFO, "services destroyed",
                services=[f"{b.device}/{b.svc_id}" for b in record.services])
     record.services = []
+
+
+def orphan_guard(inv: Invocation, device: str, own: tuple[str, str] | None = None):
+    """destroy_orphans' `spared`: the services the records claim, read when asked, or None
+    while an attachment other than `own` is recorded as allocating on `device`."""
+    def spared() -> set[tuple[str, int]] | None:
+        records = inv.store.all()
+        if any(r.allocating == device and r.key != own for r in records):
+            return None
+        return inv.store.claimed(records)
+    return spared
 
 
 def reap_stale_services(inv: Invocation, inode: int, required: bool) -> dict[str, list[Service]]:

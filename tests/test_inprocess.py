@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -215,3 +216,57 @@ def test_services_a_failed_last_step_cannot_destroy_stay_on_record(sim, netns, m
         sim.set_busy(svc.device, svc.svc_id, 0)
     assert dispatch("DEL", conf, netns)[0] == 0
     assert sim.services() == [] and sim.records() == []
+
+
+def an_add_allocates_during_the_orphan_listing(sim, conf, netns, monkeypatch) -> list[int]:
+    """Another attachment's ADD records its intent and allocates on cxi0 (VNI 321) right
+    before an orphan sweep lists cxi0; returns [the id it got] once that happened."""
+    from cxi_cni.cxi.backend import ServiceDesc
+    from cxi_cni.cxi.sim import SimDevice
+    from cxi_cni.record import AttachmentRecord
+    from cxi_cni.state import AttachmentStore
+
+    listing, made = SimDevice.list_services, []
+
+    def allocate_first(self, netns_too=True):
+        if self.name == "cxi0" and not made and sys._getframe(1).f_code.co_name == "destroy_orphans":
+            store = AttachmentStore(conf["stateDir"])
+            store.ensure()
+            store.save(AttachmentRecord("adding", "eth0", netns, os.stat(netns).st_ino, (321,), (),
+                                        ["cxi0"], allocating="cxi0"))
+            made.append(self.alloc_svc(ServiceDesc.for_netns((321,))))
+        return listing(self, netns_too)
+
+    monkeypatch.setattr(SimDevice, "list_services", allocate_first)
+    return made
+
+
+def test_gc_spares_the_service_an_add_allocates_while_it_sweeps(sim, netns, monkeypatch):
+    """GC sees the ADD's unbound, member-less service but reads the records after the
+    listing, so it leaves it alone (else the driver hands its id to the next alloc)."""
+    conf = sim.conf("1.1.0", cxi={"vnis": [321]})
+    made = an_add_allocates_during_the_orphan_listing(sim, conf, netns, monkeypatch)
+    with Invocation(cmd_args(conf, "GC")) as inv:
+        report = collect(inv, set())
+    assert made and report["reapedServices"] == [], report
+    assert [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", made[0])]
+
+
+def test_del_of_a_killed_add_spares_another_adds_service_of_the_same_vnis(sim, make_netns,
+                                                                          monkeypatch):
+    """DEL of an attachment whose ADD was killed while allocating on cxi0 looks for its
+    orphan there; another pod's ADD of the same job allocating on cxi0 at that moment
+    keeps its service."""
+    from cxi_cni.record import AttachmentRecord
+    from cxi_cni.state import AttachmentStore
+
+    conf = sim.conf(cxi={"vnis": [321]})
+    killed = make_netns()
+    store = AttachmentStore(conf["stateDir"])
+    store.ensure()
+    store.save(AttachmentRecord("ctr1", "eth0", killed, os.stat(killed).st_ino, (321,), (),
+                                ["cxi0", "cxi1"], allocating="cxi0"))
+    made = an_add_allocates_during_the_orphan_listing(sim, conf, make_netns(), monkeypatch)
+    assert dispatch("DEL", conf, killed)[0] == 0
+    assert made and [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", made[0])]
+    assert [r["containerID"] for r in sim.records()] == ["adding"]

@@ -277,16 +277,22 @@ def is_orphan_shape(svc: Service, inode: int = 0) -> bool:
 
 
 def destroy_orphans(backend: Backend, device: str, vnis: tuple[int, ...] | None,
-                    claimed: set[tuple[str, int]], inode: int = 0) -> list[int]:
+                    spared: Callable[[], set[tuple[str, int]] | None], inode: int = 0) -> list[int]:
     """Destroy orphan-shaped services on `device` (with these VNIs, if given; bound to
-    `inode`, if given, counts as orphan-shaped) that no record claims."""
+    `inode`, if given, counts as orphan-shaped) that no record claims.
+
+    `spared()` is asked after the listing, so it sees every ADD that allocated a listed
+    service (an ADD records its intent before each alloc): the (device, svc_id) pairs
+    records claim, or None when an ADD is allocating on `device` right now, whose newest
+    service may not be recorded yet; then nothing is destroyed."""
     dev = backend.open(device)
     destroyed = []
     try:
-        for svc in dev.list_services():
-            if not is_orphan_shape(svc, inode) or (device, svc.svc_id) in claimed:
-                continue
-            if vnis is not None and tuple(svc.desc.vnis) != tuple(vnis):
+        candidates = [svc for svc in dev.list_services() if is_orphan_shape(svc, inode)
+                      and (vnis is None or tuple(svc.desc.vnis) == tuple(vnis))]
+        claimed = spared() if candidates else set()
+        for svc in candidates if claimed is not None else []:
+            if (device, svc.svc_id) in claimed:
                 continue
             try:
                 dev.destroy_svc(svc.svc_id)
