@@ -68,3 +68,19 @@ def check_file(path: str, what: str, st: os.stat_result) -> None:
         raise UntrustedPath(f"{what} {path} is owned by uid {st.st_uid} with mode "
                             f"{stat.S_IMODE(st.st_mode):o}; it must be root's and writable "
                             "by root alone")
+
+
+def check_root_file(path: str, what: str) -> os.stat_result | None:
+    """A file root will run or write as told by a configuration: `path` and every directory
+    leading to it (through symlinks too) root's alone, the file itself root's and writable
+    by root alone. Its stat, or None when it does not exist yet; UntrustedPath otherwise."""
+    check_parents(path, what)
+    real = os.path.realpath(path)
+    if real != os.path.normpath(path):
+        check_parents(real, what)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return None
+    check_file(path, what, st)
+    return st

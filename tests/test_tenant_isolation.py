@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 from kube_apiserver import namespace_object, new_object, pod_args, vni_object
@@ -327,3 +328,47 @@ def test_vni_1_needs_the_admins_allowed_vnis_too(cni, sim, make_netns, node_poli
     assert "1 in cxi.allowedVnis (100-65534)" in err["msg"]  # the default holds it not
     admitted = sim.conf(cxi={"vnis": [1], "allowDefaultVni": True, "allowedVnis": ["1", "100-65534"]})
     assert cni("ADD", admitted, netns=make_netns()).ok().json["cxi"]["vnis"] == [1]
+
+
+def planted_library(folder, marker) -> str:
+    """A shared library whose constructor, run by whoever loads it, leaves `marker`."""
+    source = folder / "planted.c"
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void ran(void) '
+                      f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+    library = folder / "planted.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return str(library)
+
+
+@pytest.mark.parametrize("flaw", ["folder writable by others", "owned by another user",
+                                  "relative path", "none"])
+def test_root_loads_no_library_that_another_user_could_have_changed(cni, sim, netns, tmp_path,
+                                                                     flaw):
+    """Without a node policy a NAD names the library root loads: only a file that root alone
+    could have written, by an absolute path, is loaded ("none" shows the test would see it)."""
+    folder = tmp_path / "lib"
+    folder.mkdir(mode=0o755)
+    marker = tmp_path / "constructor-ran"
+    library = planted_library(folder, marker)
+    if flaw == "folder writable by others":
+        folder.chmod(0o777)
+    elif flaw == "owned by another user":
+        os.chown(library, 1000, 1000)
+    elif flaw == "relative path":
+        library = os.path.relpath(library)
+    err = cni("ADD", sim.conf(cxi={"backend": "libcxi", "libcxi": library}), netns=netns).error(101)
+    assert marker.exists() == (flaw == "none"), err
+    assert library in err["msg"]
+    if flaw != "none":
+        assert "cxi.libcxi" in err["msg"], err
+    nothing_made(sim)
+
+
+def test_root_makes_no_sim_state_where_another_user_steers_it(cni, sim, netns, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    state = shared / "sim" / "state.db"
+    err = cni("ADD", sim.conf(cxi={"simState": str(state)}), netns=netns).error(101)
+    assert "cxi.simState" in err["msg"] and "writable by others" in err["msg"], err
+    assert not (shared / "sim").exists()

@@ -16,6 +16,7 @@ from ctypes import POINTER, c_bool, c_int, c_uint, c_uint32, c_void_p
 
 from cxi_cni.cxi import abi
 from cxi_cni.cxi.backend import BackendUnavailable
+from cxi_cni.trust import UntrustedPath, check_root_file
 
 _SYMBOL_VERSION = re.compile(rb"LIBCXI_(\d+)\.(\d+)\0")
 # Where libcxi packages put the library, looked at only to explain a failed load. The
@@ -88,12 +89,14 @@ def load_library(lib_path: str) -> ctypes.CDLL:
 
     BackendUnavailable when it cannot serve: why it cannot be loaded, or the file and the
     function it lacks."""
-    if "/" in lib_path:  # a path, not a soname: the loader would block on a FIFO there
+    if "/" in lib_path:  # a path, not a soname: root runs the code of whatever lies there
         try:
-            mode = os.stat(lib_path).st_mode
+            st = check_root_file(lib_path, "cxi.libcxi")
+        except UntrustedPath as exc:
+            raise BackendUnavailable(f"cannot load the CXI library {lib_path}: {exc}") from None
         except OSError:
-            mode = stat.S_IFREG  # absent or unreadable: the loader's own error says so below
-        if not stat.S_ISREG(mode):
+            st = None  # unreadable: the loader's own error says so below
+        if st is not None and not stat.S_ISREG(st.st_mode):  # the loader would block on a FIFO
             raise BackendUnavailable(f"cannot load the CXI library {lib_path}: not a regular file")
     try:
         lib = ctypes.CDLL(lib_path)

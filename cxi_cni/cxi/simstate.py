@@ -18,6 +18,7 @@ import stat
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
+from ..trust import UntrustedPath, check_root_file
 from .backend import (
     DEFAULT_SVC_ID,
     MEMBER_NET_NS,
@@ -254,10 +255,10 @@ class SimState:
         if self._db is not None:
             return self._db
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
             # Only stat it: opening and closing the file ourselves would drop the POSIX locks
             # another connection of this process holds on it (SQLite's documented pitfall).
-            st = os.stat(self.path) if os.path.exists(self.path) else None
+            st = check_root_file(os.path.abspath(self.path), "cxi.simState")
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
             if st is not None and not stat.S_ISREG(st.st_mode):  # sqlite would block on a FIFO
                 raise BackendUnavailable(f"the sim state {self.path} is not a regular file")
             if st is not None and 0 < st.st_size < MIN_DATABASE:  # sqlite would take it for new
@@ -275,6 +276,8 @@ class SimState:
             raise self.failed(exc) from None
         except OSError as exc:
             raise BackendUnavailable(f"cannot open the sim state {self.path}: {exc.strerror}") from None
+        except UntrustedPath as exc:  # root would make and write files where others steer it
+            raise BackendUnavailable(f"cannot use the sim state {self.path}: {exc}") from None
         self._db = db
         return db
 
