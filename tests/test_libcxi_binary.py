@@ -93,3 +93,19 @@ def test_no_libcxi_is_told_in_the_plugins_words(cxi_bin, cni, tmp_path, netns, s
             assert "libcxi is not installed on this node" in text
             assert "LD_LIBRARY_PATH (unset), /etc/ld.so.cache" in text
     assert sim.records() == []
+
+
+def test_a_libcxi_built_for_a_newer_glibc_than_the_bundled_one_is_named(cxi_bin, cni, request,
+                                                                        tmp_path, monkeypatch, netns):
+    """cxi carries the build host's glibc; a node whose libcxi was linked against a newer one
+    (here the stand-in, made to need GLIBC_9.9) gets the loader's words and the way out."""
+    built = request.getfixturevalue("standin_lib").read_bytes()
+    assert b"GLIBC_2.7\0" in built  # .dynstr (and the symbol table, which does not matter)
+    newer = tmp_path / "newer" / "libcxi.so.1"
+    newer.parent.mkdir()
+    newer.write_bytes(built.replace(b"GLIBC_2.7\0", b"GLIBC_9.9\0"))
+    node = LibcxiSetup(tmp_path, newer, monkeypatch, "shs-14.0.1")
+    err = cni("ADD", node.conf(), netns=netns, env=node.env).error(101)
+    assert "version `GLIBC_9.9' not found" in err["msg"] and str(newer) in err["msg"], err
+    assert "bundled into it (glibc 2." in err["msg"] and "build cxi (build.sh) on a host" in err["msg"]
+    assert node.records() == []

@@ -120,6 +120,11 @@ def not_loaded(lib_path: str, exc: OSError) -> BackendUnavailable:
     head = f"cannot load the CXI library {lib_path}: "
     install = ("install libcxi (the HPE Slingshot host software's libcxi package) on the node, "
                "or set cxi.libcxi to the library's full path")
+    if "version `GLIBC_" in reason:  # built for a newer glibc than the one cxi carries
+        return BackendUnavailable(
+            f"{head}{reason}; cxi runs on the glibc bundled into it ({os.confstr('CS_GNU_LIBC_VERSION')}), "
+            "older than the one this libcxi was built for: build cxi (build.sh) on a host whose "
+            "glibc is at least the node's, and install that binary")
     if "No such file or directory" not in reason:
         return BackendUnavailable(head + reason)
     if "/" in lib_path:
