@@ -236,6 +236,8 @@ def bad_env(draw):
     else:
         value = draw(env_text(min_size=1, max_size=30).filter(lambda s: not s.startswith("/")))
     command = draw(st.sampled_from(["ADD", "CHECK"]))
+    if var == "CNI_IFNAME":  # only ADD holds the name to the kernel's rule (it makes the link)
+        command = "ADD"
     env = {var: value} if var != "CNI_COMMAND" else {}
     if var == "CNI_COMMAND":
         command = value

@@ -145,6 +145,8 @@ def bad_cases(sim, netns, tmp_path):
         "devices master without master": (7, dict(conf=sim.conf(cxi={"devices": "master"})), "master"),
         "master named '..'": (7, dict(conf=sim.conf(master="..", ipam={"type": "host-local"})),
                               "master"),
+        "master not UTF-8": (7, dict(conf=sim.conf(master="\udc80", ipam={"type": "host-local"})),
+                             "master"),
         "unknown device": (7, dict(conf=sim.conf(cxi={"devices": ["cxi7"]})), "cxi7"),
         "res above max": (7, dict(conf=sim.conf(cxi={"limits": {"les": {"max": 1, "res": 2}}})),
                           "cxi.limits"),
@@ -172,6 +174,7 @@ BAD_NAMES = [
     "bad CNI_COMMAND", "bad CNI_ARGS", "bad VNI in CNI_ARGS", "stdin unreadable", "stdin not JSON",
     "stdin not an object", "stdin not UTF-8", "VNI out of range", "too many VNIs",
     "VNI 1 without leave", "bad mode", "devices master without master", "master named '..'",
+    "master not UTF-8",
     "unknown device",
     "res above max", "relative stateDir", "netns is a regular file", "netns is the host's",
     "no VNI anywhere", "limit beyond a NIC", "no room on the NIC", "libcxi missing", "stateDir is a symlink",
@@ -251,3 +254,24 @@ def test_no_vni_under_fallback_starts_the_pod_without_a_service(cni, sim, netns)
     cni("CHECK", conf, netns=netns).ok()
     cni("DEL", conf, netns=netns).ok()
     assert sim.records() == []
+
+
+def test_del_and_check_find_an_attachment_whatever_name_an_older_add_accepted(cni, sim, netns):
+    """An older ADD counted 15 characters, not bytes: "é" x 8 (16 bytes) was taken. ADD
+    refuses it now, but DEL and CHECK of such an attachment must still reach its record."""
+    from cxi_cni.record import AttachmentRecord, Binding
+    from cxi_cni.state import AttachmentStore
+
+    name = "é" * 8
+    assert "CNI_IFNAME" in cni("ADD", sim.conf(), netns=netns, ifname=name).error(4)["msg"]
+    inode = os.stat(netns).st_ino
+    made = [Binding(device, sim.bind(device, (100,), inode)) for device in ("cxi0", "cxi1")]
+    store = AttachmentStore(sim.conf()["stateDir"])  # what the older ADD made, and its record
+    store.ensure()
+    store.save(AttachmentRecord("ctr1", name, netns, inode, (100,), (), ["cxi0", "cxi1"],
+                                services=made, complete=True))
+    cni("CHECK", sim.conf(), netns=netns, ifname=name).ok()
+    cni("DEL", sim.conf(), netns=netns, ifname=name).ok()
+    nothing_made(sim)
+    err = cni("DEL", sim.conf(), netns=netns, ifname="x" * 300).error(4)
+    assert "CNI_IFNAME" in err["msg"]

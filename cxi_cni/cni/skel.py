@@ -44,6 +44,7 @@ IFNAMSIZ = 16  # the kernel's longest link name, with its terminating NUL
 IFNAME_REFUSED = frozenset(b"/:\t\n\v\f\r \xa0\x00")
 # A link made with '%' in its name is named by the kernel from it as a template (net%d).
 IFNAME_REFUSED_NEW = IFNAME_REFUSED | {ord("%")}
+MAX_IFNAME_LOOKUP = 256  # DEL, CHECK, GC: bounds what goes into logs, nothing more
 MAX_STDIN = 16 * 1024 * 1024
 MAX_DEPTH = 64  # network configurations and results are a few levels deep
 
@@ -80,10 +81,11 @@ def parse_cni_args(raw: str) -> dict[str, str]:
 def valid_ifname(name: str, new: bool = False) -> bool:
     """Whether the kernel takes `name` as a link's name: 1 to 15 bytes, not "." or "..",
     none of the bytes it refuses; for a link to be made (`new`), no '%' either. The bytes
-    are the name's UTF-8, or the environment's bytes as they came (surrogateescape)."""
+    are the name's UTF-8: a name that is not UTF-8 (the environment's stray bytes, a lone
+    surrogate JSON can write) is refused, since netlink calls could not encode it."""
     try:
-        raw = name.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate, as JSON can write one
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
         return False
     return (0 < len(raw) < IFNAMSIZ and raw not in (b".", b"..")
             and (IFNAME_REFUSED_NEW if new else IFNAME_REFUSED).isdisjoint(raw))
@@ -101,12 +103,18 @@ def check_env(command: str, env: dict[str, str]) -> None:
             "it must start with a letter or digit and hold only letters, digits, '_', '.' "
             "and '-' (at most 1024 characters)",
         )
+    # ADD makes a link of that name, so the kernel's rule; other commands only look up
+    # what ADD recorded (by a digest of the name), and must not strand an attachment an
+    # older, laxer ADD accepted.
     ifname = env.get("CNI_IFNAME", "")
-    if ifname and not valid_ifname(ifname, new=True):
+    if command == "ADD" and ifname and not valid_ifname(ifname, new=True):
         raise env_error(
             "CNI_IFNAME", f"{ifname[:64]!r} is not a valid interface name",
             "use at most 15 bytes, none of '/', ':', '%' or white space, not '.' or '..'",
         )
+    if len(ifname) > MAX_IFNAME_LOOKUP:
+        raise env_error("CNI_IFNAME", f"is {len(ifname)} characters long",
+                        f"no interface name is longer than {IFNAMSIZ - 1} bytes")
     netns = env.get("CNI_NETNS", "")
     if netns and not netns.startswith("/"):
         raise env_error("CNI_NETNS", f"{netns[:64]!r} is not an absolute path",
