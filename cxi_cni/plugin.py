@@ -87,7 +87,8 @@ class CxiPlugin:
                 bindings = bind_netns(inv.backend, record.devices, record.netns_inode, spec, made,
                                       faults.point)
             except BaseException as exc:
-                record.services = list(getattr(exc, "undestroyed", ()))  # the rest is gone
+                # What the rollback could not destroy; all of it if the rollback itself failed.
+                record.services = list(getattr(exc, "undestroyed", record.services))
                 if isinstance(exc, VniInUse):
                     raise vni_in_use_error(exc, inv.store.all()) from None
                 if isinstance(exc, NoResources):

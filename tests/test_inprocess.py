@@ -270,3 +270,26 @@ def test_del_of_a_killed_add_spares_another_adds_service_of_the_same_vnis(sim, m
     assert dispatch("DEL", conf, killed)[0] == 0
     assert made and [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", made[0])]
     assert [r["containerID"] for r in sim.records()] == ["adding"]
+
+
+def test_a_rollback_that_fails_itself_keeps_every_service_on_record(sim, netns, monkeypatch):
+    """The alloc on cxi1 fails, and the rollback's destroy on cxi0 fails in a way destroy()
+    does not expect (the backend stops answering): cxi0's service stays on record."""
+    from cxi_cni.cxi.backend import BackendUnavailable
+    from cxi_cni.cxi.sim import SimDevice
+
+    busy_after_alloc(sim, monkeypatch, fail_on="cxi1")
+
+    def unavailable(self, svc_id):
+        raise BackendUnavailable("the sim state stayed locked")
+
+    monkeypatch.setattr(SimDevice, "destroy_svc", unavailable)
+    conf = sim.conf(cxi={"vnis": [321], "destroyRetries": 0})
+    assert dispatch("ADD", conf, netns)[0] != 0
+    [left] = sim.services()
+    [record] = sim.records()
+    assert [(s["device"], s["svcId"]) for s in record["services"]] == [("cxi0", left.svc_id)]
+    monkeypatch.undo()
+    sim.set_busy("cxi0", left.svc_id, 0)
+    assert dispatch("DEL", conf, netns)[0] == 0
+    assert sim.services() == [] and sim.records() == []
