@@ -65,7 +65,12 @@ def reap_dead_namespaces(inv: Invocation, failed: list[str]) -> list[str]:
 
 
 def sweep_orphans(inv: Invocation) -> list[str]:
-    """Unbound member-less services left by crashed ADDs, on devices where no ADD is
-    recorded as allocating (the records are read after each device's listing)."""
-    return [f"{device}/{sid}" for device in inv.device_names()
-            for sid in destroy_orphans(inv.backend, device, None, orphan_guard(inv, device))]
+    """Unbound member-less services left by crashed ADDs, on devices where no running ADD
+    is allocating (the records are read after each device's listing)."""
+    swept = []
+    for device in inv.device_names():
+        ids = destroy_orphans(inv.backend, device, None, orphan_guard(inv, device))
+        if ids is None:
+            log.info("orphans on %s are left for the next GC: an ADD is allocating there", device)
+        swept.extend(f"{device}/{sid}" for sid in ids or [])
+    return swept

@@ -59,10 +59,15 @@ def recorded_netns(inv: Invocation, record: AttachmentRecord) -> Iterator[Netns 
 
 def release_services(inv: Invocation, record: AttachmentRecord) -> None:
     """Destroy the record's services (and the orphan of an alloc in flight); keep the record
-    with what is left, and raise, if any cannot be destroyed."""
-    if record.allocating:
-        destroy_orphans(inv.backend, record.allocating, record.vnis,
-                        orphan_guard(inv, record.allocating, record.key), record.netns_inode)
+    with what is left, and raise, if any cannot be destroyed or that orphan cannot be told
+    yet from the service of another pod's ADD allocating on the same device (code 11)."""
+    if record.allocating and destroy_orphans(
+            inv.backend, record.allocating, record.vnis,
+            orphan_guard(inv, record.allocating, record.key), record.netns_inode) is None:
+        raise CniError(TRY_AGAIN_LATER, f"another pod's ADD is allocating on {record.allocating} "
+                       "right now, so the service this attachment's interrupted ADD may have "
+                       "left there cannot be told from that pod's yet; the record is kept",
+                       "the runtime retries DEL, which finishes once that ADD is done")
     if not record.services:
         return
     failures = destroy(inv.backend, record.services, record.netns_inode, inv.retry)
@@ -80,13 +85,15 @@ def release_services(inv: Invocation, record: AttachmentRecord) -> None:
 
 
 def orphan_guard(inv: Invocation, device: str, own: tuple[str, str] | None = None):
-    """destroy_orphans' `spared`: the services the records claim, read when asked, or None
-    while an attachment other than `own` is recorded as allocating on `device`."""
+    """destroy_orphans' `spared`: the services the records claim, or None while the ADD of
+    an attachment other than `own` is allocating on `device` (its record says so and its
+    lock is held; a record whose ADD was killed does not count). The claims are read after
+    the locks are probed, so an ADD that finished in between has its service claimed."""
     def spared() -> set[tuple[str, int]] | None:
-        records = inv.store.all()
-        if any(r.allocating == device and r.key != own for r in records):
+        if any(inv.store.lock_held(*r.key) for r in inv.store.all()
+               if r.allocating == device and r.key != own):
             return None
-        return inv.store.claimed(records)
+        return inv.store.claimed()
     return spared
 
 

@@ -169,6 +169,23 @@ class AttachmentStore:
             finally:
                 os.close(fd)
 
+    def lock_held(self, container_id: str, ifname: str) -> bool:
+        """Whether a command holds the attachment's lock right now (its ADD or DEL is
+        running): a record whose lock is free was left by a command that ended or was
+        killed. A shared probe, dropped at once."""
+        path = os.path.join(self.locks, attachment_key(container_id, ifname))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return False  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
     @contextlib.contextmanager
     def namespace_lock(self, netns_fd: int):
         """Exclusive lock of one network namespace, held on its nsfs file itself (every

@@ -218,58 +218,101 @@ def test_services_a_failed_last_step_cannot_destroy_stay_on_record(sim, netns, m
     assert sim.services() == [] and sim.records() == []
 
 
-def an_add_allocates_during_the_orphan_listing(sim, conf, netns, monkeypatch) -> list[int]:
-    """Another attachment's ADD records its intent and allocates on cxi0 (VNI 321) right
-    before an orphan sweep lists cxi0; returns [the id it got] once that happened."""
-    from cxi_cni.cxi.backend import ServiceDesc
-    from cxi_cni.cxi.sim import SimDevice
+class AddInFlight:
+    """Another attachment's ADD ("adding"/eth0, VNI 321) that holds its lock, records its
+    intent and allocates on cxi0 right before an orphan sweep lists cxi0; `finish()` records
+    the service and lets the lock go, as the ADD would."""
+
+    def __init__(self, conf, netns: str, monkeypatch):
+        from cxi_cni.cxi.backend import ServiceDesc
+        from cxi_cni.cxi.sim import SimDevice
+        from cxi_cni.record import AttachmentRecord
+        from cxi_cni.state import AttachmentStore
+
+        self.store = AttachmentStore(conf["stateDir"])
+        self.store.ensure()
+        self.record = AttachmentRecord("adding", "eth0", netns, os.stat(netns).st_ino, (321,), (),
+                                       ["cxi0"], allocating="cxi0")
+        self.lock = self.store.lock("adding", "eth0")
+        self.lock.__enter__()
+        self.made: list[int] = []
+        listing = SimDevice.list_services
+
+        def allocate_first(dev, netns_too=True):
+            if dev.name == "cxi0" and not self.made and \
+                    sys._getframe(1).f_code.co_name == "destroy_orphans":
+                self.store.save(self.record)
+                self.made.append(dev.alloc_svc(ServiceDesc.for_netns((321,))))
+            return listing(dev, netns_too)
+
+        monkeypatch.setattr(SimDevice, "list_services", allocate_first)
+
+    def finish(self) -> None:
+        from cxi_cni.record import Binding
+
+        self.record.services, self.record.allocating = [Binding("cxi0", self.made[0])], None
+        self.store.save(self.record)
+        self.lock.__exit__(None, None, None)
+
+
+def killed_add_record(conf, netns: str, container_id: str = "ctr1"):
+    """The record an ADD killed while allocating on cxi0 leaves (its lock is free)."""
     from cxi_cni.record import AttachmentRecord
     from cxi_cni.state import AttachmentStore
 
-    listing, made = SimDevice.list_services, []
-
-    def allocate_first(self, netns_too=True):
-        if self.name == "cxi0" and not made and sys._getframe(1).f_code.co_name == "destroy_orphans":
-            store = AttachmentStore(conf["stateDir"])
-            store.ensure()
-            store.save(AttachmentRecord("adding", "eth0", netns, os.stat(netns).st_ino, (321,), (),
-                                        ["cxi0"], allocating="cxi0"))
-            made.append(self.alloc_svc(ServiceDesc.for_netns((321,))))
-        return listing(self, netns_too)
-
-    monkeypatch.setattr(SimDevice, "list_services", allocate_first)
-    return made
+    store = AttachmentStore(conf["stateDir"])
+    store.ensure()
+    store.save(AttachmentRecord(container_id, "eth0", netns, os.stat(netns).st_ino, (321,), (),
+                                ["cxi0", "cxi1"], allocating="cxi0"))
 
 
 def test_gc_spares_the_service_an_add_allocates_while_it_sweeps(sim, netns, monkeypatch):
     """GC sees the ADD's unbound, member-less service but reads the records after the
     listing, so it leaves it alone (else the driver hands its id to the next alloc)."""
     conf = sim.conf("1.1.0", cxi={"vnis": [321]})
-    made = an_add_allocates_during_the_orphan_listing(sim, conf, netns, monkeypatch)
+    adding = AddInFlight(conf, netns, monkeypatch)
     with Invocation(cmd_args(conf, "GC")) as inv:
-        report = collect(inv, set())
-    assert made and report["reapedServices"] == [], report
-    assert [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", made[0])]
+        report = collect(inv, {("adding", "eth0")})
+    assert adding.made and report["reapedServices"] == [], report
+    assert [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", adding.made[0])]
+    adding.finish()
 
 
-def test_del_of_a_killed_add_spares_another_adds_service_of_the_same_vnis(sim, make_netns,
-                                                                          monkeypatch):
+def test_del_of_a_killed_add_waits_for_another_adds_service_of_the_same_vnis(sim, make_netns,
+                                                                             monkeypatch):
     """DEL of an attachment whose ADD was killed while allocating on cxi0 looks for its
-    orphan there; another pod's ADD of the same job allocating on cxi0 at that moment
-    keeps its service."""
-    from cxi_cni.record import AttachmentRecord
-    from cxi_cni.state import AttachmentStore
-
+    orphan there; another pod's ADD of the same job is allocating on cxi0 at that moment:
+    DEL says "try again" and keeps its record, and the retry, once that ADD is done,
+    finishes without touching its service."""
     conf = sim.conf(cxi={"vnis": [321]})
     killed = make_netns()
-    store = AttachmentStore(conf["stateDir"])
-    store.ensure()
-    store.save(AttachmentRecord("ctr1", "eth0", killed, os.stat(killed).st_ino, (321,), (),
-                                ["cxi0", "cxi1"], allocating="cxi0"))
-    made = an_add_allocates_during_the_orphan_listing(sim, conf, make_netns(), monkeypatch)
+    killed_add_record(conf, killed)
+    adding = AddInFlight(conf, make_netns(), monkeypatch)
+    rc, out, _ = dispatch("DEL", conf, killed)
+    assert rc != 0 and out["code"] == 11 and "cxi0" in out["msg"], out
+    assert adding.made and sorted(r["containerID"] for r in sim.records()) == ["adding", "ctr1"]
+    adding.finish()
     assert dispatch("DEL", conf, killed)[0] == 0
-    assert made and [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", made[0])]
+    assert [(s.device, s.svc_id) for s in sim.services()] == [("cxi0", adding.made[0])]
     assert [r["containerID"] for r in sim.records()] == ["adding"]
+
+
+def test_a_killed_adds_stale_marker_does_not_stop_another_dels_sweep(sim, make_netns):
+    """Two ADDs were killed while allocating on cxi0, each leaving an orphan: the DEL of
+    one is not held up by the other's record (no one holds its lock) and sweeps them."""
+    from cxi_cni.cxi.backend import ServiceDesc
+
+    conf = sim.conf(cxi={"vnis": [321]})
+    first, second = make_netns(), make_netns()
+    killed_add_record(conf, first, "ctr1")
+    killed_add_record(conf, second, "ctr2")
+    dev = sim.backend().open("cxi0")
+    orphans = [dev.alloc_svc(ServiceDesc.for_netns((321,))) for _ in range(2)]
+    dev.close()
+    assert dispatch("DEL", conf, first)[0] == 0
+    assert sim.services() == [] and [r["containerID"] for r in sim.records()] == ["ctr2"]
+    assert dispatch("DEL", conf, second, container_id="ctr2")[0] == 0
+    assert sim.records() == [] and len(orphans) == 2
 
 
 def test_a_rollback_that_fails_itself_keeps_every_service_on_record(sim, netns, monkeypatch):

@@ -277,21 +277,23 @@ def is_orphan_shape(svc: Service, inode: int = 0) -> bool:
 
 
 def destroy_orphans(backend: Backend, device: str, vnis: tuple[int, ...] | None,
-                    spared: Callable[[], set[tuple[str, int]] | None], inode: int = 0) -> list[int]:
+                    spared: Callable[[], set[tuple[str, int]] | None], inode: int = 0) -> list[int] | None:
     """Destroy orphan-shaped services on `device` (with these VNIs, if given; bound to
     `inode`, if given, counts as orphan-shaped) that no record claims.
 
     `spared()` is asked after the listing, so it sees every ADD that allocated a listed
     service (an ADD records its intent before each alloc): the (device, svc_id) pairs
     records claim, or None when an ADD is allocating on `device` right now, whose newest
-    service may not be recorded yet; then nothing is destroyed."""
+    service may not be recorded yet; then nothing is destroyed and None returned."""
     dev = backend.open(device)
     destroyed = []
     try:
         candidates = [svc for svc in dev.list_services() if is_orphan_shape(svc, inode)
                       and (vnis is None or tuple(svc.desc.vnis) == tuple(vnis))]
         claimed = spared() if candidates else set()
-        for svc in candidates if claimed is not None else []:
+        if claimed is None:
+            return None
+        for svc in candidates:
             if (device, svc.svc_id) in claimed:
                 continue
             try:
