@@ -29,7 +29,7 @@ def check_parents(path: str, what: str) -> None:
         try:
             st = os.lstat(current)
         except OSError:
-            return  # the rest does not exist yet: we, root, are about to make it
+            break  # the rest does not exist yet: we, root, are about to make it
         linked = linked or stat.S_ISLNK(st.st_mode)
         check_dir_step(st, current, os.path.join(current, name), what, path)
         current = os.path.join(current, name)

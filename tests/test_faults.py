@@ -245,6 +245,20 @@ def test_state_dir_under_a_folder_others_can_write_is_refused(cni, sim, tmp_path
     nothing_made(sim)
 
 
+def test_a_state_dir_to_be_made_behind_a_symlink_into_a_users_folder_is_refused(cni, sim, tmp_path,
+                                                                                  netns):
+    """root's symlink, in a folder of root's, to a folder another user owns: the folders
+    root would make below it are that user's to move; refused although they do not exist."""
+    users = tmp_path / "users-folder"
+    users.mkdir()
+    os.chown(users, 1000, 1000)
+    (tmp_path / "link").symlink_to(users)
+    conf = sim.conf(stateDir=str(tmp_path / "link" / "cxi" / "state"))
+    err = cni("ADD", conf, netns=netns).error(102)
+    assert "owned by uid 1000" in err["msg"], err
+    assert os.listdir(users) == [] and sim.services() == []
+
+
 def test_log_file_symlink_made_by_another_user_is_not_followed(cni, sim, tmp_path, netns):
     target = tmp_path / "precious"
     target.write_text("keep me\n")
