@@ -48,6 +48,25 @@ def test_version_does_not_import_netlink_or_pydantic():
             f"VERSION imports {heavy}"
 
 
+@pytest.mark.parametrize("command", ["ADD", "DEL"])
+def test_a_chained_command_imports_only_what_it_uses(sim, netns, command):
+    """The hot path of a chained attachment (no link, no Kubernetes, no addresses in the
+    prevResult): none of the modules other commands or other configurations need."""
+    env = {**os.environ, "CNI_COMMAND": command, "CNI_CONTAINERID": "ctr1", "CNI_IFNAME": "eth0",
+           "CNI_NETNS": netns, "CNI_PATH": "/usr/lib/cni", "PYTHONPATH": str(REPO), **sim.env}
+    conf = json.dumps({**sim.conf(), "prevResult": {"cniVersion": "1.0.0", "interfaces": []}})
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "cxi_cni"], input=conf.encode(),
+                          capture_output=True, env=env)
+    # What `site` imported (the venv's editable-install finder: pathlib, urllib.parse and
+    # ipaddress) is not the plugin's doing, and the frozen program has no such finder.
+    imported = proc.stderr.decode().partition("| site\n")[2]
+    assert proc.returncode == 0 and "cxi_cni.plugin" in imported, proc.stdout  # the list is real
+    for unused in ("pyroute2", "click", "yaml", "shutil", "ipaddress", "cxi_cni.gc", "cxi_cni.k8s",
+                   "cxi_cni.doctor", "cxi_cni.podlink", "cxi_cni.cxi.libcxi", "http.client"):
+        assert f" {unused}\n" not in imported and f" {unused}." not in imported, \
+            f"{command} imports {unused}"
+
+
 @pytest.mark.parametrize("version", SUPPORTED)
 def test_chained_add_passes_prev_result_through_in_the_config_version(cni, sim, netns, version):
     prev = PREV_1X if version.startswith("1.") else as_old(PREV_1X, version)
