@@ -29,6 +29,7 @@
 #   ./build.sh --variants   also build/cxi-onefile (PyInstaller onefile, needs the build
 #                           host's glibc) and build/cxi-staticx, for bench/ comparisons
 set -euo pipefail
+umask 022  # the modes tar records, so that the build does not depend on the caller's umask
 cd "$(dirname "$0")"
 
 PY=${PYTHON:-/usr/bin/python3.11}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import stat
 
+FIX = "make it root's and writable by root alone: chown root, chmod go-w; or use another path"
+
 
 class UntrustedPath(Exception):
     """Someone other than root could change what the path leads to; the message says who."""
@@ -46,7 +48,7 @@ def check_dir_step(st: os.stat_result, parent: str, child: str, what: str, path:
         return  # root's symlink in a folder of root's: its target is checked on its own
     if st.st_uid not in uids:
         raise UntrustedPath(f"{what} {path}: {parent} is owned by uid {st.st_uid}, not root; "
-                            "another user could replace what lies below it")
+                            f"another user could replace what lies below it ({FIX})")
     if st.st_mode & 0o022:
         sticky_and_ours = False
         if st.st_mode & stat.S_ISVTX:
@@ -59,7 +61,7 @@ def check_dir_step(st: os.stat_result, parent: str, child: str, what: str, path:
         if not sticky_and_ours:
             raise UntrustedPath(f"{what} {path}: {parent} is writable by others (mode "
                                 f"{stat.S_IMODE(st.st_mode):o}); another user could move "
-                                "or replace what lies below it")
+                                f"or replace what lies below it ({FIX})")
 
 
 def check_file(path: str, what: str, st: os.stat_result) -> None:

@@ -26,7 +26,7 @@ from .backend import DEFAULT_SVC_ID, RESOURCES, Limit, Service, ServiceDesc
 CASSINI_TOTALS = dict(zip(RESOURCES, (2048, 1024, 512, 2047, 2047, 16384, 2048, 1022), strict=True))
 # Slurm's defaults (switch_hpe_slingshot.h): the most a step may use of each resource, which
 # are the Cassini totals, and what it reserves per CPU.
-SLURM_MAX = CASSINI_TOTALS
+SLURM_MAX = dict(CASSINI_TOTALS)  # its own copy: neither name changes the other
 SLURM_PER_CPU = dict(zip(RESOURCES, (6, 2, 1, 2, 1, 16, 1, 2), strict=True))
 TLE_MIN = 8  # the driver raises a smaller TLE reservation to this (CASS_MIN_POOL_TLES)
 LE_POOLS = 16  # per NIC; pool 0 is never given to a service of its own
