@@ -192,7 +192,8 @@ def test_a_service_the_rollback_cannot_destroy_stays_on_record(sim, netns, monke
 
 def test_services_a_failed_last_step_cannot_destroy_stay_on_record(sim, netns, monkeypatch):
     """Every service is made, then writing the complete record fails (a full disk): the
-    services that cannot be destroyed stay named by the record written before."""
+    services that cannot be destroyed stay named by the record written before, and a GC
+    that no longer counts the attachment as valid destroys them."""
     from cxi_cni.state import AttachmentStore, StateError
 
     busy_after_alloc(sim, monkeypatch, fail_on=None)
@@ -214,7 +215,9 @@ def test_services_a_failed_last_step_cannot_destroy_stay_on_record(sim, netns, m
     monkeypatch.undo()
     for svc in sim.services():
         sim.set_busy(svc.device, svc.svc_id, 0)
-    assert dispatch("DEL", conf, netns)[0] == 0
+    with Invocation(cmd_args(sim.conf("1.1.0"), "GC")) as inv:  # no DEL came: GC does it
+        report = collect(inv, set())
+    assert report["removedAttachments"] == ["ctr1/eth0"] and report["failures"] == [], report
     assert sim.services() == [] and sim.records() == []
 
 
