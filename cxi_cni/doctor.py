@@ -5,6 +5,7 @@ works, with a limit the operator should know) or NOTE (information)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -221,8 +222,16 @@ def policy_check(conf) -> tuple[bool | str, str]:
     if policy is None:
         return WARN, (f"node policy: none at {policy_path()}; every network configuration (a "
                       "tenant's NAD too) is trusted as the admin's (SECURITY.md)")
-    shown = ", ".join(f"{k} {v}" for k, v in policy.given().items()) or "no bounds"
+    shown = ", ".join(f"{k} {bound_text(v)}" for k, v in policy.given().items()) or "no bounds"
     return True, f"node policy {policy.path}: {shown}"
+
+
+def bound_text(value) -> str:
+    """A policy bound as the admin wrote it: JSON for lists and limits (unset ceilings
+    left out), the ranges for a set of VNIs."""
+    if isinstance(value, dict):
+        value = {name: {k: v for k, v in limit.items() if v is not None} for name, limit in value.items()}
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def kube_checks(conf) -> Iterator[tuple[bool | str, str]]:
