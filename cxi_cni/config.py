@@ -239,6 +239,8 @@ def semantic_problem(conf: NetConf, teardown: bool = False) -> tuple[str, str, b
     if conf.mode is not None and conf.mode not in MODES[conf.linkType]:
         return "mode", (f"mode {conf.mode!r} is not a {conf.linkType} mode "
                         f"({', '.join(MODES[conf.linkType])})"), False
+    if isinstance(conf.cxi.devices, list) and len(set(conf.cxi.devices)) != len(conf.cxi.devices):
+        return "cxi.devices", "names a device more than once (one service per device)", True
     if conf.cxi.devices == "master" and not conf.master:
         return "cxi.devices", 'cxi.devices is "master" but no master is set', False
     if conf.master and conf.ipam is None:
@@ -298,10 +300,62 @@ def fix_for(path: str) -> str:
     return DEFAULT_FIX
 
 
+# What DEL and GC need of a configuration to find and remove what ADD made: where the
+# records, the log and the devices are. Any other field that is wrong (since ADD, or by
+# rules a later version added) is left at its default for them instead of failing.
+TEARDOWN_NEEDS = ("type", "cniVersion", "name", "stateDir", "logFile", "cxi", "cxi.backend",
+                  "cxi.libcxi", "cxi.simState", "cxi.stack")
+
+
+class ConfProblem(Exception):
+    """A field of the configuration is wrong: its path, and the CNI error to give."""
+
+    def __init__(self, path: str, error: CniError):
+        super().__init__(error.msg)
+        self.path, self.error = path, error
+
+
 def parse_conf(raw: dict, teardown: bool = False) -> NetConf:
     """Validate the config and bound it by the node policy; a bad field becomes code 7, an
     unknown `cxi` key code 2. `teardown` (DEL, GC) holds only what the plugin loads or
-    contacts to the policy, so attachments made before it can still be removed."""
+    contacts to the policy, so attachments made before it can still be removed, and takes
+    any other wrong field at its default (named in `conf.ignored`, for the log)."""
+    ignored: list[str] = []
+    dropped: set[tuple[str, ...]] = set()
+    while True:
+        try:
+            conf = checked_conf(raw, teardown)
+        except ConfProblem as problem:
+            field = teardown_field(problem.path) if teardown else None
+            if field is None or field in dropped:
+                raise problem.error from None
+            dropped.add(field)
+            raw = without(raw, field)
+            ignored.append(f"{problem.path} ({problem.error.msg.removeprefix('invalid network configuration: ')})")
+            continue
+        conf.ignored = ignored
+        return conf
+
+
+def teardown_field(path: str) -> tuple[str, ...] | None:
+    """The field DEL may leave at its default for a problem at `path`, None if it needs it."""
+    parts = tuple(path.replace("[", ".").split(".")[:2]) if path.startswith("cxi.") else (
+        path.split(".")[0].split("[")[0],)
+    return None if not parts[0] or ".".join(parts) in TEARDOWN_NEEDS else parts
+
+
+def without(raw: dict, field: tuple[str, ...]) -> dict:
+    out = dict(raw)
+    if len(field) == 1:
+        out.pop(field[0], None)
+    elif isinstance(out.get(field[0]), dict):
+        out[field[0]] = {k: v for k, v in out[field[0]].items() if k != field[1]}
+    return out
+
+
+def checked_conf(raw: dict, teardown: bool) -> NetConf:
+    """build_conf over the validator and semantic_problem; ConfProblem for the first wrong
+    field."""
     try:
         conf = build_conf(VALIDATOR.validate_python(raw))
     except ValidationError as exc:
@@ -316,14 +370,14 @@ def parse_conf(raw: dict, teardown: bool = False) -> NetConf:
         if "input" in first and first["type"] != "extra_forbidden" and path:
             shown += f" (got {first['input']!r:.80})"
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        raise CniError(code, f"invalid network configuration: {shown}{more}",
-                       "fix: " + fix_for(path)) from None
+        raise ConfProblem(path, CniError(code, f"invalid network configuration: {shown}{more}",
+                                         "fix: " + fix_for(path))) from None
     problem = semantic_problem(conf, teardown)
     if problem:
         path, message, with_path = problem
         shown = f"{path}: {message}" if with_path else message
-        raise CniError(INVALID_CONFIG, f"invalid network configuration: {shown}",
-                       "fix: " + fix_for(path))
+        raise ConfProblem(path, CniError(INVALID_CONFIG, f"invalid network configuration: {shown}",
+                                         "fix: " + fix_for(path)))
     try:
         conf.node_policy = nodepolicy.load(policy_validator)
         if conf.node_policy is not None:

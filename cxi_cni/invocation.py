@@ -4,6 +4,7 @@ and what the configuration makes of a pod's services (their spec, the destroy re
 
 from __future__ import annotations
 
+import logging
 import math
 
 from . import logs
@@ -67,6 +68,10 @@ class Invocation:
             raise CniError(INVALID_CONFIG, f"logFile: {exc}", "point logFile at a regular file in "
                            "a folder only root can write (default /var/log/cxi-cni.log), or at "
                            "/dev/null for no log") from None
+        if self.conf.ignored:
+            logging.getLogger("cxi_cni.invocation").warning(
+                "%s goes on with these wrong configuration fields at their defaults: %s",
+                args.command, "; ".join(self.conf.ignored))
         self.store = AttachmentStore(self.conf.stateDir)
         self._backend: Backend | None = None
         self._device_names: list[str] | None = None

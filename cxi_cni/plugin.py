@@ -188,10 +188,14 @@ class CxiPlugin:
 
         with Invocation(args) as inv:
             valid = args.conf.get("cni.dev/valid-attachments")
-            if not isinstance(valid, list):
+            # An entry GC cannot read could name an attachment in use: no guessing, refuse.
+            if not isinstance(valid, list) or not all(
+                    isinstance(v, dict) and isinstance(v.get("containerID"), str)
+                    and isinstance(v.get("ifname"), str) for v in valid):
                 raise CniError(INVALID_CONFIG, "GC needs cni.dev/valid-attachments, a list of "
-                               "{containerID, ifname}", "the runtime must send the valid attachments")
-            keep = {(v.get("containerID"), v.get("ifname")) for v in valid if isinstance(v, dict)}
+                               "{containerID, ifname} strings", "the runtime must send the valid "
+                               "attachments; nothing was collected")
+            keep = {(v["containerID"], v["ifname"]) for v in valid}
             report = collect(inv, keep)
             logs.event(log, logging.INFO, "gc done", **report)
             if report["failures"]:

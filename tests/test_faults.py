@@ -376,3 +376,44 @@ def test_fields_a_prev_result_list_does_not_define_pass_through(cni, sim, netns)
     assert result["interfaces"][0] == prev["interfaces"][0]
     cni("DEL", sim.conf(), netns=netns).ok()
     nothing_made(sim)
+
+
+def test_null_lists_in_a_prev_result_count_as_absent(cni, sim, netns):
+    for version, prev in (("1.0.0", {"cniVersion": "1.0.0", "interfaces": None, "routes": None,
+                                     "ips": None, "dns": None}),
+                          ("0.3.0", {"cniVersion": "0.4.0", "ips": None})):
+        result = cni("ADD", {**sim.conf(version), "prevResult": prev}, netns=netns).ok().json
+        assert result["ips"] == [] and result.get("dns") in (None, {}), result
+        cni("DEL", sim.conf(version), netns=netns).ok()
+        nothing_made(sim)
+
+
+@pytest.mark.parametrize("entry", [{"containerID": ["a"], "ifname": "eth0"},
+                                   {"containerID": "a", "ifname": {"x": 1}}, None, ["a", "eth0"]])
+def test_gc_refuses_valid_attachments_it_cannot_read_and_collects_nothing(cni, sim, netns, entry):
+    cni("ADD", sim.conf(), netns=netns).ok()
+    gc = {**sim.conf("1.1.0"), "cni.dev/valid-attachments": [{"containerID": "ctr1", "ifname": "eth0"},
+                                                              entry]}
+    err = cni("GC", gc, container_id=None, ifname=None).error(7)
+    assert "valid-attachments" in err["msg"], err
+    assert len(sim.services()) == 2 and len(sim.records()) == 1
+
+
+@pytest.mark.parametrize("change", [
+    {"prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.2/24", "interface": 0.5}]}},
+    {"prevResult": {"cniVersion": "1.0.0", "dns": None, "interfaces": "eth0"}},
+    {"cxi": {"tcs": ""}}, {"cxi": {"limits": {"les": {"def": 65535}}}}, {"cxi": {"devices": "master"}},
+    {"cxi": {"allowedVnis": ["99999"]}}, {"cxi": {"podVnis": ["0-5"]}}, {"cxi": {"zz": 1}},
+    {"mtu": 1}])
+def test_del_cleans_up_whatever_prev_result_or_wrong_fields_it_is_handed(cni, sim, netns, change):
+    """What ADD made is removed by DEL with a prevResult ADD would refuse, or a configuration
+    that turned wrong since (edited, or a later version's stricter rule): DEL needs only
+    where the records, the log and the devices are, and logs the fields it set aside."""
+    cni("ADD", sim.conf(), netns=netns).ok()
+    conf = sim.conf()
+    for key, value in change.items():
+        conf[key] = {**conf[key], **value} if key == "cxi" else value
+    cni("DEL", conf, netns=netns).ok()
+    nothing_made(sim)
+    if "prevResult" not in change:
+        assert any("at their defaults" in line for line in sim.log_file.read_text().splitlines())

@@ -189,7 +189,8 @@ def build_args(command: str, env: dict[str, str], conf: dict, version: str) -> C
         raise CniError(INCOMPATIBLE_VERSION, f"{command} needs cniVersion {minimum} or later, "
                        f"the configuration says {version}", f"set cniVersion to {minimum}")
     check_env(command, env)
-    prev = conf.get("prevResult")
+    # Only ADD and CHECK use the previous result; DEL must clean up whatever it is handed.
+    prev = conf.get("prevResult") if command in ("ADD", "CHECK") else None
     if isinstance(prev, dict):
         cniversion.check_result(prev)
     return CmdArgs(

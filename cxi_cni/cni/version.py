@@ -88,7 +88,7 @@ def check_result(result: dict) -> None:
                 if name in strings and name in entry and not is_ip(name, entry[name]):
                     raise bad(f"{key}[{i}].{name}", f"{entry[name][:64]!r} is not an IP "
                               f"{'network' if name == 'dst' else 'address'}")
-    if "dns" in result and not isinstance(result["dns"], dict):
+    if result.get("dns") is not None and not isinstance(result["dns"], dict):
         raise bad("dns", "is not an object")
 
 
@@ -98,6 +98,9 @@ def normalize_result(result: dict | None) -> dict:
 
     out = copy.deepcopy(result or {})
     out.pop("cniVersion", None)
+    for key in ("interfaces", "ips", "routes", "dns"):  # null: as if the field were absent
+        if key in out and out[key] is None:
+            del out[key]
     for ip in out.get("ips") or []:
         ip.pop("version", None)
     return out
