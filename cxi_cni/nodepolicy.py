@@ -112,6 +112,9 @@ class NodePolicy:
         if teardown:
             cxi.vniSources = [s for s in cxi.vniSources if s in (self.vniSources or cxi.vniSources)]
             return
+        if cxi.vnis and self.vniSources is not None and "config" not in self.vniSources:
+            raise PolicyError("cxi.vnis", f"{where} takes no VNIs from configurations (its "
+                              f"vniSources are {', '.join(self.vniSources)}): leave cxi.vnis empty")
         reason = refusal(cxi.vnis, cxi.allowedVnis, cxi.allowDefaultVni)
         if reason:
             raise PolicyError("cxi.vnis", f"{reason}, as narrowed by {where}")

@@ -300,7 +300,7 @@ def check_link(conf, args: CmdArgs, netns: Netns, record: LinkRecord | None) -> 
         problems.append(f"prevResult lists no interface {args.ifname} in sandbox {netns.path}")
     else:
         expected_ips = [ip["address"] for ip in args.prev_result.get("ips") or []
-                        if ip.get("interface") == index]
+                        if ip.get("interface") == index and isinstance(ip.get("address"), str)]
     try:
         with Rtnl(netns) as pod, ExitStack() as sockets:
             host = pod if conf.linkInContainer else sockets.enter_context(Rtnl())

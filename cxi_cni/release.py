@@ -36,11 +36,11 @@ def remove_attachment(inv: Invocation, record: AttachmentRecord) -> None:
 @contextmanager
 def recorded_netns(inv: Invocation, record: AttachmentRecord) -> Iterator[Netns | None]:
     """The namespace the record's link was made in, if it still exists: CNI_NETNS through
-    the command's one handle, or (GC) the recorded path; None when it is gone, not a
-    namespace, the host's, or another namespace than the recorded inode."""
-    if inv.args.netns:
-        netns, owned = inv.netns_if_present(), False
-    else:
+    the command's one handle, else (GC, or an ADD repeated into another namespace, whose
+    old link must go before its lease is released) the recorded path; None when it is
+    gone, not a namespace, the host's, or another namespace than the recorded inode."""
+    netns, owned = (inv.netns_if_present(), False) if inv.args.netns else (None, False)
+    if netns is None or netns.inode != record.netns_inode:
         try:
             netns, owned = Netns.open(record.netns), True
         except (NetnsMissing, NetnsInvalid) as exc:

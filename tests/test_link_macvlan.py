@@ -462,3 +462,30 @@ def test_del_leaves_the_link_when_cni_netns_now_holds_another_namespace(cni, sim
     assert link_in(second, "eth0") is not None, "DEL entered a namespace it did not make a link in"
     assert [r["containerID"] for r in sim.records()] == ["ctr2"]
     cni("DEL", conf, netns=second, container_id="ctr2", cni_path=CNI_PATH).ok()
+
+
+def test_add_repeated_into_another_namespace_removes_the_old_link_before_its_lease(
+        cni, sim, tmp_path, make_netns, make_veth):
+    """The same attachment ADDed again with another CNI_NETNS: the first namespace's link
+    (found through the recorded path, checked by inode) goes with its lease, so no address
+    stays up there that host-local hands out again."""
+    master = make_veth()
+    first, second = make_netns(), make_netns()
+    conf = macvlan_conf(sim, tmp_path, master)
+    cni("ADD", conf, netns=first, cni_path=CNI_PATH).ok()
+    cni("ADD", conf, netns=second, cni_path=CNI_PATH).ok()
+    assert link_in(first, "eth0") is None, "the old link kept its released address"
+    assert link_in(second, "eth0") is not None and len(leases(tmp_path)) == 1
+    cni("DEL", conf, netns=second, cni_path=CNI_PATH).ok()
+    assert_nothing_left(sim, tmp_path, second)
+
+
+def test_check_takes_a_prev_result_ip_without_an_address(cni, sim, tmp_path, netns, make_veth):
+    """An ips entry with no address (the spec requires one, a runtime may still send it)
+    is a CHECK failure to report or ignore, never an internal error."""
+    conf = macvlan_conf(sim, tmp_path, make_veth())
+    result = cni("ADD", conf, netns=netns, cni_path=CNI_PATH).ok().json
+    odd = {**result, "ips": [*result["ips"], {"interface": 0}]}
+    cni("CHECK", with_prev(conf, odd), netns=netns, cni_path=CNI_PATH).ok()
+    cni("DEL", conf, netns=netns, cni_path=CNI_PATH).ok()
+    assert_nothing_left(sim, tmp_path, netns)

@@ -372,3 +372,27 @@ def test_root_makes_no_sim_state_where_another_user_steers_it(cni, sim, netns, t
     err = cni("ADD", sim.conf(cxi={"simState": str(state)}), netns=netns).error(101)
     assert "cxi.simState" in err["msg"] and "writable by others" in err["msg"], err
     assert not (shared / "sim").exists()
+
+
+def test_a_nad_naming_a_device_twice_is_refused(cni, sim, netns):
+    """A device listed again would get another service of the pod on that NIC past
+    maxServicesPerPod (and its reservations), one ADD at a time."""
+    err = cni("ADD", sim.conf(cxi={"devices": ["cxi0"] * 8}), netns=netns).error(7)
+    assert "cxi.devices" in err["msg"] and "more than once" in err["msg"], err
+    nothing_made(sim)
+
+
+def test_a_node_policy_without_the_config_source_takes_no_vnis_from_a_nad(cni, sim, netns,
+                                                                           node_policy):
+    env = node_policy(vniSources=["kubernetes"])
+    for sources in (["kubernetes"], []):
+        conf = sim.conf(cxi={"vnis": [4242], "vniSources": sources})
+        err = cni("ADD", conf, netns=netns, env=env).error(7)
+        assert "cxi.vnis" in err["msg"] and "no VNIs from configurations" in err["msg"], err
+        nothing_made(sim)
+    cni("ADD", sim.conf(cxi={"vnis": [], "vniSources": ["kubernetes"]}), netns=netns, env=env).ok()
+
+
+def test_a_relative_sim_state_is_refused(cni, sim, netns):
+    err = cni("ADD", sim.conf(cxi={"simState": "sub/rel.db"}), netns=netns).error(101)
+    assert "cxi.simState" in err["msg"] and "absolute" in err["msg"], err

@@ -257,7 +257,7 @@ class SimState:
         try:
             # Only stat it: opening and closing the file ourselves would drop the POSIX locks
             # another connection of this process holds on it (SQLite's documented pitfall).
-            st = check_root_file(os.path.abspath(self.path), "cxi.simState")
+            st = check_root_file(self.path, "cxi.simState")
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
             if st is not None and not stat.S_ISREG(st.st_mode):  # sqlite would block on a FIFO
                 raise BackendUnavailable(f"the sim state {self.path} is not a regular file")
