@@ -8,7 +8,7 @@ import logging
 
 from .cni.errors import CniError
 from .cxi.backend import CxiError
-from .cxi.services import bound_services, destroy_orphans
+from .cxi.services import bound_services, destroy_if_bound, destroy_orphans
 from .invocation import Invocation
 from .netns import live_netns_inodes
 from .release import orphan_guard, remove_attachment
@@ -20,14 +20,17 @@ def collect(inv: Invocation, keep: set[tuple[str, str]] | None) -> dict:
     """`keep`: the valid (containerID, ifname) pairs; None (cxi gc without a list) keeps
     the records whose namespace is alive."""
     removed, failed = [], []
+    # The records first, the live namespaces second: a pod ADDed in between is not in the
+    # list, rather than in it with a namespace that was not there yet when looked for.
+    records = inv.store.all()
     alive = live_netns_inodes() if keep is None else set()
-    for record in inv.store.all():
+    for record in records:
         if (record.key in keep) if keep is not None else (record.netns_inode in alive):
             continue
         with inv.store.lock(*record.key):
             fresh = inv.store.load(*record.key)
-            if fresh is None:
-                continue
+            if fresh is None or (keep is None and fresh.netns_inode != record.netns_inode):
+                continue  # gone, or ADDed again into another namespace since: not judged here
             try:
                 remove_attachment(inv, fresh)
             except CniError as exc:
@@ -52,11 +55,11 @@ def reap_dead_namespaces(inv: Invocation, failed: list[str]) -> list[str]:
         if svc.netns_inode in live or (svc.device, svc.svc_id) in claimed:
             continue
         dev = inv.backend.open(svc.device)
-        try:
-            log.warning("destroying service %s on %s: its netns inode %s is dead",
-                        svc.svc_id, svc.device, svc.netns_inode)
-            dev.destroy_svc(svc.svc_id)
-            reaped.append(f"{svc.device}/{svc.svc_id}")
+        try:  # only if still bound there: the listing is old, and ids are handed out again
+            if destroy_if_bound(dev, svc.svc_id, svc.netns_inode):
+                log.warning("destroyed service %s on %s: its netns inode %s is dead",
+                            svc.svc_id, svc.device, svc.netns_inode)
+                reaped.append(f"{svc.device}/{svc.svc_id}")
         except CxiError as exc:
             failed.append(f"{svc.device}/{svc.svc_id}: {exc}")
         finally:

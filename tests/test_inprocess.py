@@ -339,3 +339,61 @@ def test_a_rollback_that_fails_itself_keeps_every_service_on_record(sim, netns, 
     sim.set_busy("cxi0", left.svc_id, 0)
     assert dispatch("DEL", conf, netns)[0] == 0
     assert sim.services() == [] and sim.records() == []
+
+
+def scan_then(monkeypatch, call: int, meanwhile):
+    """GC's `call`-th look at the live namespaces (1: which records to keep, 2: which
+    services are dead) returns what it saw, and `meanwhile` runs right after it."""
+    from cxi_cni import gc
+
+    scan, calls = gc.live_netns_inodes, []
+
+    def scan_and_race():
+        calls.append(1)
+        seen = scan()
+        if len(calls) == call:
+            meanwhile()
+        return seen
+
+    monkeypatch.setattr(gc, "live_netns_inodes", scan_and_race)
+
+
+def test_cxi_gc_keeps_a_pod_added_while_it_looks_for_live_namespaces(sim, make_netns, monkeypatch):
+    """`cxi gc` without a list keeps the records whose namespace lives: a pod ADDed right
+    after the look is not judged by it (its record is read before), and keeps everything."""
+    conf = sim.conf("1.1.0", cxi={"vnis": [321]})
+    fresh = []
+
+    def a_pod_starts():  # its namespace made after the look, then its ADD
+        fresh.append(make_netns())
+        assert dispatch("ADD", conf, fresh[0], container_id="fresh")[0] == 0
+
+    scan_then(monkeypatch, 1, a_pod_starts)
+    with Invocation(cmd_args(conf, "GC")) as inv:
+        report = collect(inv, None)
+    assert report["removedAttachments"] == [], report
+    assert [r["containerID"] for r in sim.records()] == ["fresh"]
+    assert {s.netns_inode for s in sim.services()} == {os.stat(fresh[0]).st_ino}
+
+
+def test_gc_destroys_a_dead_namespaces_service_only_if_its_id_is_still_bound_there(sim, make_netns,
+                                                                                   monkeypatch):
+    """GC lists a service bound to a dead namespace; before it destroys it, the id is
+    freed and handed to a live pod's service: that one stays."""
+    conf = sim.conf("1.1.0", cxi={"vnis": [321]})
+    dead, live = make_netns(), make_netns()
+    dead_id = sim.bind("cxi0", (321,), os.stat(dead).st_ino)  # no record: only GC can see it
+    subprocess.run(["ip", "netns", "del", os.path.basename(dead)], check=True)
+    made = []
+
+    def id_handed_out_again():
+        dev = sim.backend().open("cxi0")
+        dev.destroy_svc(dead_id)
+        dev.close()
+        made.append(sim.bind("cxi0", (321,), os.stat(live).st_ino))
+
+    scan_then(monkeypatch, 2, id_handed_out_again)
+    with Invocation(cmd_args(conf, "GC")) as inv:
+        collect(inv, None)
+    assert made == [dead_id], "the sim did not hand the id out again"
+    assert [(s.svc_id, s.netns_inode) for s in sim.services()] == [(dead_id, os.stat(live).st_ino)]
