@@ -22,14 +22,17 @@ def load_plugin_conf(path: str | None) -> dict:
     (which takes the list's cniVersion and name, as runtimes pass them)."""
     if path is None:
         return {"cniVersion": LATEST, "name": "cxi", "type": "cxi"}
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read {path}: {exc}") from None
+    from .files import FileProblem, read_regular
+
+    try:  # a FIFO or /dev/zero must not hang or fill the admin's shell
+        data = json.loads(read_regular(path, "--config"))
+    except (FileProblem, ValueError, RecursionError) as exc:
+        raise click.ClickException(f"cannot read {path}: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise click.ClickException(f"{path} does not hold a JSON object")
     if "plugins" in data:
+        if not isinstance(data["plugins"], list):
+            raise click.ClickException(f"{path}: plugins is not a list")
         entries = [p for p in data["plugins"] if isinstance(p, dict) and p.get("type") == "cxi"]
         if not entries:
             raise click.ClickException(f"{path} is a conflist with no entry of type cxi")

@@ -12,6 +12,7 @@ from .cxi.services import bound_services, destroy_if_bound, destroy_orphans
 from .invocation import Invocation
 from .netns import live_netns_inodes
 from .release import orphan_guard, remove_attachment
+from .state import StateError
 
 log = logging.getLogger("cxi_cni.gc")
 
@@ -27,19 +28,27 @@ def collect(inv: Invocation, keep: set[tuple[str, str]] | None) -> dict:
     for record in records:
         if (record.key in keep) if keep is not None else (record.netns_inode in alive):
             continue
-        with inv.store.lock(*record.key):
-            fresh = inv.store.load(*record.key)
-            if fresh is None or (keep is None and fresh.netns_inode != record.netns_inode):
-                continue  # gone, or ADDed again into another namespace since: not judged here
-            try:
-                remove_attachment(inv, fresh)
-            except CniError as exc:
-                failed.append(f"{fresh.container_id}/{fresh.ifname}: {exc.msg}")
-                continue
-            removed.append(f"{fresh.container_id}/{fresh.ifname}")
+        try:
+            if collect_one(inv, record, keep is None):
+                removed.append(f"{record.container_id}/{record.ifname}")
+        except CniError as exc:
+            failed.append(f"{record.container_id}/{record.ifname}: {exc.msg}")
+        except StateError as exc:  # its lock or index entry is broken: the others still go
+            failed.append(f"{record.container_id}/{record.ifname}: {exc}")
     reaped = reap_dead_namespaces(inv, failed)
     reaped.extend(sweep_orphans(inv))
     return {"removedAttachments": removed, "reapedServices": reaped, "failures": failed}
+
+
+def collect_one(inv: Invocation, record, by_liveness: bool) -> bool:
+    """Remove one attachment under its lock; False when it is gone, or (judged by liveness)
+    was ADDed again into another namespace since it was read: not judged here."""
+    with inv.store.lock(*record.key):
+        fresh = inv.store.load(*record.key)
+        if fresh is None or (by_liveness and fresh.netns_inode != record.netns_inode):
+            return False
+        remove_attachment(inv, fresh)
+        return True
 
 
 def reap_dead_namespaces(inv: Invocation, failed: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ object only when it belongs to that owner."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ class PodLookup:
 
     def __init__(self, kubeconfig: str | None, namespace: str, pod: str, timeout: float = 5.0):
         self.namespace, self.pod = namespace, pod
-        self.api = ApiClient(load_access(kubeconfig), deadline=time.monotonic() + timeout)
+        with misshapen(f"kubeconfig {kubeconfig or '(in-cluster)'}"):
+            self.api = ApiClient(load_access(kubeconfig), deadline=time.monotonic() + timeout)
 
     def __enter__(self) -> PodLookup:
         return self
@@ -79,6 +81,10 @@ class PodLookup:
     def facts(self, expected_uid: str = "") -> PodFacts:
         """The pod, checked against `expected_uid` (K8S_POD_UID) when given, with its
         nearest owner's VNIs. PodReplaced, OwnerMismatch, KubeError, KubeUnavailable."""
+        with misshapen(f"the API's answers about pod {self.namespace}/{self.pod}"):
+            return self._facts(expected_uid)
+
+    def _facts(self, expected_uid: str) -> PodFacts:
         obj = self.api.get(f"/api/v1/namespaces/{self.namespace}/pods/{self.pod}")
         if obj is None:
             return PodFacts(found=False)
@@ -126,10 +132,25 @@ class PodLookup:
 
     def namespace_pod_vnis(self) -> str | None:
         """The admin's annotation on the pod's Namespace listing the VNIs its pods may choose."""
+        with misshapen(f"the API's answer about namespace {self.namespace}"):
+            return self._namespace_pod_vnis()
+
+    def _namespace_pod_vnis(self) -> str | None:
         obj = self.api.get(f"/api/v1/namespaces/{self.namespace}")
         annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
         value = annotations.get(POD_VNIS_ANNOTATION)
         return value if isinstance(value, str) else None
+
+
+@contextlib.contextmanager
+def misshapen(what: str):
+    """A KubeError for data not shaped as Kubernetes writes it (a metadata that is a string,
+    a token that is not text, a server URL that is no URL), never an internal error."""
+    try:
+        yield
+    except (AttributeError, TypeError, KeyError, ValueError, RecursionError) as exc:
+        raise KubeError(f"{what} is not shaped as Kubernetes writes it "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def pod_vnis(kubeconfig: str | None, namespace: str, pod: str, timeout: float = 5.0) -> list[int] | None:

@@ -183,7 +183,7 @@ class ApiClient:
     def _decode(body: bytes, request: str) -> dict:
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise KubeError(f"{request} returned something other than JSON") from None
         if not isinstance(obj, dict):
             raise KubeError(f"{request} returned JSON that is not an object")
@@ -193,7 +193,7 @@ class ApiClient:
     def _status_message(body: bytes) -> str:
         try:
             return str(json.loads(body).get("message") or "no message")[:300]
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             return body[:200].decode("utf-8", "replace").strip() or "no message"
 
     def close(self) -> None:

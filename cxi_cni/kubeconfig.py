@@ -95,7 +95,7 @@ def _parse_kubeconfig(path: str) -> dict:
     text = _read_text(path, path)
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = _parse_yaml(text, path)
     if not isinstance(doc, dict):
         raise KubeError(f"kubeconfig {path} is not a mapping (apiVersion, clusters, contexts, users)")

@@ -117,17 +117,20 @@ class AttachmentRecord:
             raise RecordDamaged("it lacks netnsInode")
         allocating = data.get("allocating")
         pod = data.get("pod")
-        return cls(
-            container_id=container_id, ifname=ifname, netns=str(data.get("netns") or ""),
-            netns_inode=inode,
-            vnis=tuple(v for v in data.get("vnis") or () if isinstance(v, int)),
-            tcs=tuple(str(t) for t in data.get("tcs") or ()),
-            devices=[str(d) for d in data.get("devices") or ()],
-            services=[Binding(s["device"], s["svcId"]) for s in services],
-            link=LinkRecord.from_json(data["link"]) if data.get("link") else None,
-            allocating=allocating if isinstance(allocating, str) else None,
-            complete=data.get("complete") is True,
-            created=float(data.get("created") or 0) if isinstance(data.get("created"), int | float) else 0.0,
-            pod={k: str(v) for k, v in pod.items()} if isinstance(pod, dict) else {},
-            cpus=cpus if isinstance(cpus := data.get("cpus"), int) and not isinstance(cpus, bool) else 0,
-        )
+        try:
+            return cls(
+                container_id=container_id, ifname=ifname, netns=str(data.get("netns") or ""),
+                netns_inode=inode,
+                vnis=tuple(v for v in data.get("vnis") or () if isinstance(v, int)),
+                tcs=tuple(str(t) for t in data.get("tcs") or ()),
+                devices=[str(d) for d in data.get("devices") or ()],
+                services=[Binding(s["device"], s["svcId"]) for s in services],
+                link=LinkRecord.from_json(data["link"]) if data.get("link") else None,
+                allocating=allocating if isinstance(allocating, str) else None,
+                complete=data.get("complete") is True,
+                created=float(data.get("created") or 0) if isinstance(data.get("created"), int | float) else 0.0,
+                pod={k: str(v) for k, v in pod.items()} if isinstance(pod, dict) else {},
+                cpus=cpus if isinstance(cpus := data.get("cpus"), int) and not isinstance(cpus, bool) else 0,
+            )
+        except (TypeError, ValueError, AttributeError) as exc:  # "vnis": 5 and the like
+            raise RecordDamaged(f"it garbles a field ({exc})") from None

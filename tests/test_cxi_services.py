@@ -345,3 +345,20 @@ def test_doctor_names_the_stack_its_evidence_and_what_it_means(sim, cxi_bin, tmp
     assert any(line.startswith("note  tested: ") and "not on Slingshot hardware" in line
                for line in lines)
     assert sim.services() == []  # the probes destroyed what they made
+
+
+@pytest.mark.parametrize("odd", ["fifo", "plugins not a list", "nested deep"])
+def test_admin_commands_refuse_a_config_file_they_cannot_use(cxi_bin, tmp_path, odd):
+    """--config that is a FIFO (or /dev/zero) must not hang the admin's shell, and a file of
+    the wrong shape is a one-line error, not a traceback."""
+    path = tmp_path / "conf"
+    if odd == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text('{"cniVersion":"1.0.0","name":"n","plugins":5}' if odd == "plugins not a list"
+                        else "[" * 100000 + "]" * 100000)
+    for command in ("services", "doctor", "gc", "env"):
+        run = subprocess.run([cxi_bin, command, "--config", str(path)], capture_output=True,
+                             text=True, timeout=20)
+        assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+        assert str(path) in run.stderr and len(run.stderr.splitlines()) <= 2, run.stderr

@@ -417,3 +417,46 @@ def test_del_cleans_up_whatever_prev_result_or_wrong_fields_it_is_handed(cni, si
     nothing_made(sim)
     if "prevResult" not in change:
         assert any("at their defaults" in line for line in sim.log_file.read_text().splitlines())
+
+
+@pytest.mark.parametrize("garble", [{"vnis": 5}, {"tcs": 5}, {"devices": 7}, {"pod": {"a": object}}])
+def test_a_record_with_a_garbled_field_is_damaged_and_del_and_gc_still_clean_up(cni, sim, make_netns,
+                                                                                 garble):
+    """A record whose list field holds a number (a disk error, a hand edit) is a damaged
+    record: GC goes on, another pod's ADD in the namespace works, and DEL destroys the
+    services bound to the pod's namespace that no readable record claims."""
+    netns = make_netns()
+    cni("ADD", sim.conf(), netns=netns).ok()
+    [path] = sim.state_dir.glob("*.json")
+    data = json.loads(path.read_text())
+    data.update({k: (str(v) if v is object else v) for k, v in garble.items()})
+    if "pod" in garble:
+        data["pod"] = ["not", "a", "dict"]
+    path.write_text(json.dumps(data))
+    gc = {**sim.conf("1.1.0"), "cni.dev/valid-attachments": [{"containerID": "ctr1", "ifname": "eth0"}]}
+    cni("GC", gc, container_id=None, ifname=None).ok()
+    cni("ADD", sim.conf(), netns=make_netns(), container_id="other").ok()
+    cni("DEL", sim.conf(), netns=netns).ok()
+    assert [r["containerID"] for r in sim.records()] == ["other"]
+    assert {s.netns_inode for s in sim.services()} == {os.stat(r["netns"]).st_ino for r in sim.records()}
+
+
+def test_gc_goes_on_past_an_attachment_whose_lock_is_broken(cni, sim, make_netns):
+    """One attachment's lock file is a directory: GC says so (code 11, the runtime retries)
+    and still collects the others."""
+    broken, gone = make_netns(), make_netns()
+    cni("ADD", sim.conf(), netns=broken, container_id="c11").ok()
+    cni("ADD", sim.conf(), netns=gone, container_id="c5").ok()
+    sh("ip", "netns", "del", os.path.basename(gone))
+    key = next(r for r in sim.records() if r["containerID"] == "c11")
+    lock = sim.state_dir / "locks" / attachment_key(key["containerID"], key["ifname"])
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    err = cni("GC", {**sim.conf("1.1.0"), "cni.dev/valid-attachments": []},
+              container_id=None, ifname=None).error(11)
+    assert "c11/eth0" in err["msg"], err
+    assert [r["containerID"] for r in sim.records()] == ["c11"]
+    assert {s.netns_inode for s in sim.services()} == {os.stat(broken).st_ino}
+    lock.rmdir()
+    cni("DEL", sim.conf(), netns=broken, container_id="c11").ok()
+    nothing_made(sim)

@@ -312,3 +312,44 @@ def test_json_kubeconfig_needs_no_yaml(api, pki, tmp_path):
         f"print(pod_vnis({str(path)!r}, {NS!r}, 'train-1'), 'yaml' in sys.modules)"
     )
     assert out.strip() == "[4100] False"
+
+
+def misshapen(obj: dict, field: str, value) -> dict:
+    """`obj` with the dotted `field` set to `value` (the API server's answer gone wrong)."""
+    *parents, last = field.split(".")
+    target = obj
+    for name in parents:
+        target = target.setdefault(name, {})
+    target[last] = value
+    return obj
+
+
+@pytest.mark.parametrize(("which", "field", "value"), [
+    ("pod", "metadata", "s"), ("pod", "metadata.ownerReferences", 5), ("pod", "spec", "x"),
+    ("pod", "spec.containers", ["x"]), ("replicaset", "metadata", [1]), ("vni", "spec", 5)])
+def test_an_answer_not_shaped_as_kubernetes_writes_it_is_a_kube_error(api, kubeconfig, which, field,
+                                                                      value):
+    """The plugin trusts the API server for facts, not for never sending nonsense: a field of
+    the wrong type is a KubeError naming the pod (code 104 in ADD), not an internal error."""
+    from kube_apiserver import path_of
+
+    deploy, rs, pod = deployment_pod(api)
+    vni = vni_object(deploy, 4100)
+    api.add(vni)
+    obj = {"pod": pod, "replicaset": rs, "vni": vni}[which]
+    path = path_of(obj)
+    api.objects[path] = misshapen(json.loads(json.dumps(obj)), field, value)
+    with pytest.raises(KubeError, match="not shaped as Kubernetes writes it"):
+        with k8s.PodLookup(kubeconfig, NS, pod["metadata"]["name"]) as lookup:
+            lookup.facts()
+
+
+@pytest.mark.parametrize("kubeconfig_text", ['{"contexts": 5}', '{"contexts": ["x"]}',
+                                             '[' * 5000 + ']' * 5000,
+                                             '{"clusters": [{"name": "c", "cluster": {"server": "https://[::1"}}]}'])
+def test_a_kubeconfig_not_shaped_as_kubectl_writes_it_is_a_kube_error(tmp_path, kubeconfig_text):
+    path = tmp_path / "odd.kubeconfig"
+    path.write_text(kubeconfig_text)
+    path.chmod(0o600)
+    with pytest.raises(KubeError):
+        k8s.PodLookup(str(path), NS, "web")
