@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -331,17 +332,21 @@ def parse_conf(raw: dict, teardown: bool = False) -> NetConf:
                 raise problem.error from None
             dropped.add(field)
             raw = without(raw, field)
-            ignored.append(f"{problem.path} ({problem.error.msg.removeprefix('invalid network configuration: ')})")
+            ignored.append(problem.error.msg.removeprefix("invalid network configuration: "))
             continue
         conf.ignored = ignored
         return conf
 
 
+FIELD_OF_PATH = re.compile(r"(?:cxi\.)?[^.\[]+")  # "cxi.limits.les.def" -> "cxi.limits"
+
+
 def teardown_field(path: str) -> tuple[str, ...] | None:
     """The field DEL may leave at its default for a problem at `path`, None if it needs it."""
-    parts = tuple(path.replace("[", ".").split(".")[:2]) if path.startswith("cxi.") else (
-        path.split(".")[0].split("[")[0],)
-    return None if not parts[0] or ".".join(parts) in TEARDOWN_NEEDS else parts
+    match = FIELD_OF_PATH.match(path)
+    if match is None or match[0] in TEARDOWN_NEEDS:
+        return None
+    return tuple(match[0].split("."))
 
 
 def without(raw: dict, field: tuple[str, ...]) -> dict:
